@@ -1,0 +1,99 @@
+"""What a pass is: a registered name, typed options, and a ``run`` that returns a :class:`PassResult`.
+
+Modelled on torch.fx's pass infra (``PassResult(module, modified)``, requires/call/ensures) and onnx-ir's
+(a pass declares whether it is exact; the framework checks it). A pass receives a *copy* of the components
+it declares in :meth:`Pass.touches`, so a failing pass leaves the program it was given untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from snapopt.models.pipeline import Pipeline
+
+
+class PassOptions(BaseModel):
+    """Base of every pass's options: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComponentOptions(PassOptions):
+    """Options of a pass that works on one component."""
+
+    component: str = "unet"
+
+
+@dataclass
+class PassResult:
+    program: Pipeline
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """The environment passes run in (TVM-style): shapes, seed, targets and a scratch folder.
+
+    Timing, verification and reporting are done *around* passes by the manager, not inside them."""
+
+    shapes: Any = None
+    seed: int = 0
+    work_dir: Path | None = None
+    targets: list[Any] = field(default_factory=list)
+    history: list[str] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """Subclass, set ``name`` and ``Options``, implement :meth:`run`.
+
+    ``exact = True`` promises the rewrite does not change outputs: the manager verifies it within the
+    verification tolerance and names the pass if it does not hold."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[PassOptions]] = ComponentOptions
+    exact: ClassVar[bool] = False
+    #: a structural pass changes the architecture; its (name, options) are logged so save/load can replay it
+    structural: ClassVar[bool] = False
+
+    def __init__(self, options: PassOptions | dict | None = None):
+        if isinstance(options, dict) or options is None:
+            options = self.Options(**(options or {}))
+        self.options = options
+
+    # -- the contract -----------------------------------------------------------------------------------
+    def touches(self) -> set[str]:
+        """Components this pass may mutate (copied before it runs, verified after)."""
+        component = getattr(self.options, "component", None)
+        return {component} if component else set()
+
+    def requires(self, program: Pipeline, ctx: PassContext) -> None:
+        """Raise :class:`~snapopt.errors.PreconditionError` if ``program`` is not something this pass handles."""
+
+    def run(self, program: Pipeline, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- description ------------------------------------------------------------------------------------
+    @classmethod
+    def summary(cls) -> str:
+        doc = inspect.getdoc(cls) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    @classmethod
+    def option_docs(cls) -> list[tuple[str, str, str, str]]:
+        """(name, type, default, description) for each option, for ``snapopt passes``."""
+        rows = []
+        for name, f in cls.Options.model_fields.items():
+            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+            default = "required" if f.is_required() else repr(f.default)
+            rows.append((name, ann, default, f.description or ""))
+        return rows
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"

@@ -1,0 +1,142 @@
+"""Runs a recipe's passes in order, verifying and measuring the program after each one.
+
+A pass manager is itself pass-like: ``run(program) -> (program, records)``. For every pass it copies the
+components the pass touches (so a failure leaves the input untouched), runs it, checks the result still runs
+at the recipe's shapes with finite outputs (and, for an exact pass, reproduces the previous outputs within
+tolerance), and records what changed: parameters, MACs and blocks, from a fresh capture.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from snapopt.capture import block_graph
+from snapopt.core.pass_base import Pass, PassContext, PassResult
+from snapopt.core.verify import check_finite, compare, run_component
+from snapopt.errors import PassError, PostconditionError, PreconditionError, SnapoptError
+from snapopt.models.pipeline import Pipeline
+from snapopt.serialization import record_edit, remember_base_config
+
+
+@dataclass
+class ComponentStats:
+    params: int
+    macs: int
+    blocks: list[str]
+
+    @classmethod
+    def measure(cls, pipe: Pipeline, component: str, shapes) -> "ComponentStats":
+        g = block_graph(pipe, component, shapes)
+        return cls(params=g.total_params, macs=g.totals()["macs"], blocks=[b for b in g.blocks() if g.node(b)["kind"] != "other"])
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: the table row of the report."""
+
+    name: str
+    options: dict[str, Any]
+    modified: bool
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+    changes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pass": self.name, "options": self.options, "modified": self.modified, "seconds": round(self.seconds, 3),
+                "stats": self.stats, "changes": self.changes, "verification": self.verification}
+
+
+class PassManager:
+    def __init__(self, passes: list[Pass], ctx: PassContext, *, tolerance: float = 1e-4, verify: bool = True,
+                 on_pass: Callable[[int, Pass], None] | None = None):
+        self.passes = passes
+        self.ctx = ctx
+        self.tolerance = tolerance
+        self.verify = verify
+        self.on_pass = on_pass
+
+    def run(self, program: Pipeline) -> tuple[Pipeline, list[PassRecord]]:
+        records = []
+        for i, p in enumerate(self.passes):
+            if self.on_pass:
+                self.on_pass(i, p)
+            program, record = self.run_one(p, program)
+            records.append(record)
+            self.ctx.history.append(p.name)
+        return program, records
+
+    def run_one(self, p: Pass, program: Pipeline) -> tuple[Pipeline, PassRecord]:
+        history = tuple(self.ctx.history)
+        shapes = self.ctx.shapes
+        touched = sorted(p.touches())
+        for comp in touched:
+            if comp not in program.components():
+                raise PreconditionError(p.name, f"model has no component '{comp}'", history)
+        can_run = not program.structure_only
+        before_stats = {c: ComponentStats.measure(program, c, shapes) for c in touched}
+        before_out = {c: run_component(program, c, shapes, self.ctx.seed) for c in touched} if (self.verify and can_run and p.exact) else {}
+
+        start = time.perf_counter()
+        candidate = program.clone(touched)
+        owners = {candidate.owner_attr(c) for c in touched}
+        if p.structural:
+            for attr in owners:
+                remember_base_config(getattr(candidate, attr))
+        try:
+            p.requires(candidate, self.ctx)
+            result = p.run(candidate, self.ctx)
+        except PassError:
+            raise
+        except SnapoptError as exc:
+            raise PreconditionError(p.name, str(exc), history) from None
+        except Exception as exc:
+            raise PassError(p.name, f"{exc.__class__.__name__}: {exc}", history) from exc
+        seconds = time.perf_counter() - start
+        if not isinstance(result, PassResult):
+            raise PassError(p.name, f"run() must return a PassResult, got {type(result).__name__}", history)
+        new = result.program
+
+        if p.structural and result.modified:
+            for attr in owners:
+                record_edit(getattr(new, attr), p.name, p.options.model_dump(mode="json"))
+        verification: dict[str, Any] = {}
+        after_stats = {}
+        for comp in touched:
+            try:
+                after_stats[comp] = ComponentStats.measure(new, comp, shapes)  # re-capture: the graph must still export
+            except SnapoptError as exc:
+                raise PostconditionError(p.name, f"result no longer captures: {exc}", history) from None
+            if self.verify and can_run:
+                try:
+                    out = run_component(new, comp, shapes, self.ctx.seed)
+                except Exception as exc:
+                    raise PostconditionError(p.name, f"component '{comp}' no longer runs at the recipe's shapes: {exc}", history) from None
+                problem = check_finite(out)
+                if problem:
+                    raise PostconditionError(p.name, problem, history)
+                entry: dict[str, Any] = {"runs": True, "finite": True}
+                if p.exact:
+                    err = compare(before_out[comp], out)
+                    entry["relative_error"] = err
+                    if not err <= self.tolerance:
+                        raise PostconditionError(
+                            p.name, f"declared exact but changed '{comp}' outputs by relative error {err:.3g} > {self.tolerance:g}", history)
+                verification[comp] = entry
+            else:
+                verification[comp] = {"runs": "not checked (structure-only model)", "captures": True}
+
+        changes = {}
+        for comp in touched:
+            b, a = before_stats[comp], after_stats[comp]
+            changes[comp] = {
+                "params_before": b.params, "params_after": a.params,
+                "macs_before": b.macs, "macs_after": a.macs,
+                "blocks_removed": [x for x in b.blocks if x not in a.blocks],
+                "blocks_added": [x for x in a.blocks if x not in b.blocks],
+            }
+        record = PassRecord(name=p.name, options=p.options.model_dump(mode="json"), modified=result.modified,
+                            seconds=seconds, stats=result.stats, changes=changes, verification=verification)
+        return new, record

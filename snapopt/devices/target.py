@@ -1,0 +1,105 @@
+"""A target = an iPhone's spec + a deployment profile + calibration coefficients.
+
+Chip differences come from the spec (Neural Engine throughput, memory bandwidth …); the calibration
+coefficients are shared across chips wherever physics allows, so a model fit on one phone generalises to
+the others. Targets are data (YAML); see docs/adding-an-iphone.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from snapopt.errors import TargetError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChipSpec(_Strict):
+    name: str = Field(description="SoC name, e.g. A16")
+    ane_tops: float = Field(gt=0, description="Apple-stated Neural Engine peak, trillion ops/s (int8 on A17 Pro and later)")
+    ane_tops_precision: Literal["fp16", "int8"] = Field("fp16", description="precision Apple's TOPS figure is quoted at")
+    gpu_tflops_fp16: float = Field(gt=0, description="GPU fp16 peak, TFLOP/s")
+    cpu_gflops_fp16: float = Field(gt=0, description="CPU (performance cores, NEON) fp16 peak, GFLOP/s")
+    memory_bandwidth_gbs: float = Field(gt=0, description="DRAM bandwidth, GB/s")
+    memory_type: str = ""
+    ram_gb: float = Field(gt=0)
+    system_cache_mb: float = Field(gt=0, description="on-chip system-level cache shared by ANE/GPU, MB")
+
+
+class DeviceSpec(_Strict):
+    name: str = Field(description="marketing name, e.g. iPhone 14 Pro")
+    chip: ChipSpec
+    ios: str = Field(description="iOS version the deployment assumes; sets the Core ML minimum deployment target")
+    max_weights_per_model_mb: float = Field(1024, gt=0, description="iOS refuses larger single models unless palettized (chunk above it)")
+
+
+class DeploymentProfile(_Strict):
+    name: str = "fp16"
+    attention: Literal["original", "split_einsum", "sdpa"] = "split_einsum"
+    weight_bits: int = Field(16, description="16 (fp16) or palettization bits 1-8")
+    activation_bits: Literal[16] = 16
+    compute_units: Literal["CPU_AND_NE", "ALL", "CPU_AND_GPU", "CPU_ONLY"] = "CPU_AND_NE"
+
+
+class Calibration(_Strict):
+    """Coefficients of the latency cost model (see snapopt.devices.cost_model); empty means defaults."""
+
+    coefficients: dict[str, float] = Field(default_factory=dict)
+    fitted_on: list[str] = Field(default_factory=list)
+
+
+class Target(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="registry id, e.g. iphone-14-pro")
+    device: DeviceSpec
+    profile: DeploymentProfile = Field(default_factory=DeploymentProfile)
+    calibration: Calibration = Field(default_factory=Calibration)
+
+    @property
+    def ios_major(self) -> int:
+        return int(self.device.ios.split(".")[0])
+
+    def coreml_deployment_target(self):
+        """The coremltools ``minimum_deployment_target`` for this target's iOS (ML programs need iOS 15+)."""
+        from snapopt.lowering.coreml import import_coremltools
+
+        ct = import_coremltools()
+        major = max(15, self.ios_major)
+        for candidate in range(major, 14, -1):
+            t = getattr(ct.target, f"iOS{candidate}", None)
+            if t is not None:
+                return t
+        raise TargetError(f"target '{self.id}': no Core ML deployment target for iOS {self.device.ios}")
+
+
+def load_target_file(path: str | Path) -> Target:
+    """Parse and validate a target YAML file; one line naming file and field on error."""
+    path = Path(path)
+    if not path.is_file():
+        raise TargetError(f"target file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise TargetError(f"target file '{path}': invalid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise TargetError(f"target file '{path}': expected a mapping at the top level")
+    try:
+        return Target.model_validate(data)
+    except ValidationError as exc:
+        raise TargetError(f"target file '{path}': {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    value = err.get("input")
+    shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, (dict, list)) else f" (got {value!r})"
+    return f"{loc or '<root>'}: {msg}{shown}"

@@ -1,0 +1,89 @@
+"""Attention implementations a pass can swap in. All compute the same function (exact rewrites).
+
+* ``original``     – explicit QKᵀ, softmax, AV (diffusers ``AttnProcessor``; Apple's ORIGINAL)
+* ``sdpa``         – ``torch.nn.functional.scaled_dot_product_attention`` (diffusers ``AttnProcessor2_0``)
+* ``split_einsum`` – Apple's Neural Engine form: tensors in (B, C, 1, S) layout, one einsum per head,
+  softmax over the key axis; avoids the large batched reshapes the ANE handles poorly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SplitEinsumAttnProcessor:
+    """Per-head einsum attention in the ANE's channels-first (B, C, 1, S) layout."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+            raise NotImplementedError("split_einsum attention does not support q/k normalisation")
+        if attention_mask is not None:
+            raise NotImplementedError("split_einsum attention does not support attention masks")
+
+        heads = attn.heads
+        dim_head = query.shape[-1] // heads
+        # (B, S, C) -> (B, C, 1, S): the layout Apple's ANE kernels are written for
+        q = query.transpose(1, 2).unsqueeze(2)
+        k = key.transpose(1, 2).unsqueeze(2)
+        v = value.transpose(1, 2).unsqueeze(2)
+        outs = []
+        for i in range(heads):
+            sl = slice(i * dim_head, (i + 1) * dim_head)
+            weights = torch.einsum("bchq,bkhc->bkhq", q[:, sl], k[:, sl].permute(0, 3, 2, 1)) * attn.scale
+            weights = weights.softmax(dim=1)
+            outs.append(torch.einsum("bkhq,bchk->bchq", weights, v[:, sl]))
+        out = torch.cat(outs, dim=1).squeeze(2).transpose(1, 2)
+
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def make_processor(kind: str):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    return {"original": AttnProcessor, "sdpa": AttnProcessor2_0, "split_einsum": SplitEinsumAttnProcessor}[kind]()
+
+
+def processor_kind(processor) -> str:
+    name = type(processor).__name__
+    return {"AttnProcessor": "original", "AttnProcessor2_0": "sdpa", "SplitEinsumAttnProcessor": "split_einsum"}.get(name, name)
+
+
+def attention_modules(root: nn.Module) -> dict[str, nn.Module]:
+    from diffusers.models.attention_processor import Attention
+
+    return {name: m for name, m in root.named_modules() if isinstance(m, Attention)}
+
+
+def set_attention(root: nn.Module, kind: str) -> int:
+    """Give every diffusers ``Attention`` under ``root`` the ``kind`` implementation; return how many."""
+    mods = attention_modules(root)
+    for m in mods.values():
+        m.set_processor(make_processor(kind))
+    return len(mods)
+
+
+def attention_kinds(root: nn.Module) -> dict[str, str]:
+    return {name: processor_kind(m.processor) for name, m in attention_modules(root).items()}

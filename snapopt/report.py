@@ -1,0 +1,64 @@
+"""The run report: one JSON document, rendered to markdown tables for people."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _g(n: int | float) -> str:
+    return f"{n / 1e9:.2f} G"
+
+
+def _m(n: int | float) -> str:
+    return f"{n / 1e6:.2f} M"
+
+
+def block_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| block | kind | params | MACs | attention MACs | output |", "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['kind']} | {r['params']:,} | {_g(r['macs'])} | {_g(r['attention_macs'])} | "
+                     f"{'×'.join(map(str, r['out_shape']))} |")
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    out = [f"# snapopt run: {report['recipe']['name']}", ""]
+    out += [f"- model: `{report['model']['source']}` at {report['shapes']['resolution']}² (UNet batch {report['shapes']['batch']})",
+            f"- targets: {', '.join(t['id'] for t in report['targets'])}",
+            f"- wall time: {report['seconds']:.1f} s", ""]
+    out += ["## Components", "", "| component | params before | params after | MACs before | MACs after | blocks after |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for comp, c in report["components"].items():
+        out.append(f"| {comp} | {c['before']['params']:,} | {c['after']['params']:,} | {_g(c['before']['macs'])} | "
+                   f"{_g(c['after']['macs'])} | {c['after']['blocks']} |")
+    out.append("")
+    if report["passes"]:
+        out += ["## Passes", "", "| # | pass | modified | component | params | MACs | blocks removed | verification | s |",
+                "|---:|---|---|---|---|---|---|---|---:|"]
+        for i, p in enumerate(report["passes"]):
+            for comp, ch in p["changes"].items():
+                v = p["verification"].get(comp, {})
+                ver = f"rel err {v['relative_error']:.2e}" if "relative_error" in v else ("runs, finite" if v.get("runs") is True else str(v.get("runs", "")))
+                removed = ", ".join(ch["blocks_removed"][:6]) + (" …" if len(ch["blocks_removed"]) > 6 else "")
+                out.append(f"| {i} | {p['pass']} | {p['modified']} | {comp} | {_m(ch['params_before'])} → {_m(ch['params_after'])} | "
+                           f"{_g(ch['macs_before'])} → {_g(ch['macs_after'])} | {removed or '–'} | {ver} | {p['seconds']:.2f} |")
+        out.append("")
+    for section in report.get("extra_sections", []):
+        out += [f"## {section['title']}", "", *section["lines"], ""]
+    ex = report.get("exports", {})
+    if ex.get("coreml") or ex.get("onnx"):
+        out += ["## Exports", "", "| format | component | file | size | interface | check |", "|---|---|---|---:|---|---|"]
+        for e in ex.get("coreml", []):
+            names = ", ".join(e["inputs"]) + " → " + ", ".join(e["outputs"])
+            out.append(f"| Core ML | {e['component']} | {e['file']} | {e['bytes'] / 1e6:.1f} MB | {names} | spec v{e['specification_version']} |")
+        for e in ex.get("onnx", []):
+            check = f"onnxruntime rel err {e['onnxruntime_relative_error']:.2e}" if "onnxruntime_relative_error" in e else "–"
+            out.append(f"| ONNX | {e['component']} | {e['file']} | {e['bytes'] / 1e6:.1f} MB | | {check} |")
+        if ex.get("resources"):
+            out += ["", f"Core ML resources also hold: {', '.join(ex['resources'])}. Compile the packages on a Mac "
+                    "(`xcrun coremlcompiler compile X.mlpackage .`) for Apple's Swift StableDiffusionPipeline."]
+        out.append("")
+    out += ["## Blocks after optimisation", ""]
+    for comp, c in report["components"].items():
+        out += [f"### {comp}", "", *block_table(c["blocks"]), ""]
+    return "\n".join(out)

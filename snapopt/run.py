@@ -1,0 +1,209 @@
+"""``snapopt apply``: the pipeline as one readable function of named stages.
+
+load → capture (baseline IR) → passes (verified) → save → lower (Core ML, ONNX) → report.
+Everything is written into a temporary folder beside the destination and renamed into place at the end,
+so a failed run leaves no half-written output and never touches its inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from snapopt.capture import block_graph
+from snapopt.core import PassContext, PassManager
+from snapopt.lowering.interfaces import Shapes
+from snapopt.models.loading import load_model
+from snapopt.recipe import ResolvedRecipe
+
+Stage = Callable[[str], Any]
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    report: dict[str, Any]
+    pipeline: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, progress: Callable[[str], None] | None = None,
+          argv: list[str] | None = None) -> RunResult:
+    """Run a validated recipe and write the run folder ``out_dir`` atomically."""
+    recipe = resolved.recipe
+    say = progress or (lambda msg: None)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        from snapopt.errors import UsageError
+
+        raise UsageError(f"output folder '{out_dir}' already exists; pass --overwrite or choose another --out")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    @contextmanager
+    def stage(name: str):
+        say(name)
+        t0 = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - t0, 3)
+
+    try:
+        with stage("load model"):
+            pipe = load_model(recipe.model, seed=recipe.seed, resolution=recipe.resolution)
+        shapes = Shapes(resolution=pipe.resolution, batch=recipe.batch)
+        components = [c for c in ("unet", "vae_decoder", "text_encoder") if c in pipe.components()]
+
+        with stage("capture baseline"):
+            before = {c: block_graph(pipe, c, shapes) for c in components}
+
+        ctx = PassContext(shapes=shapes, seed=recipe.seed, work_dir=tmp, targets=resolved.targets)
+        manager = PassManager(resolved.passes, ctx, tolerance=recipe.verify.tolerance, verify=recipe.verify.enabled,
+                              on_pass=lambda i, p: say(f"pass {i + 1}/{len(resolved.passes)}: {p.name}"))
+        with stage("passes"):
+            pipe, records = manager.run(pipe)
+
+        with stage("capture result"):
+            after = {c: block_graph(pipe, c, shapes) for c in components}
+
+        if recipe.output.save_model:
+            import torch
+
+            from snapopt.serialization import save
+
+            with stage("save model"):
+                save(pipe, tmp / "model", dtype=getattr(torch, recipe.output.dtype))
+
+        exports = lower_exports(pipe, resolved, shapes, tmp / "exports", stage)
+
+        for comp, g in after.items():
+            (tmp / "blocks").mkdir(exist_ok=True)
+            (tmp / "blocks" / f"{comp}.json").write_text(json.dumps(g.to_json(), indent=1))
+
+        report = build_report(resolved, pipe, shapes, before, after, records, exports, time.perf_counter() - started, ctx)
+        report["timings"] = dict(timings)
+        with stage("report"):
+            write_run_files(tmp, resolved, report, argv)
+        if out_dir.exists():
+            trash = out_dir.with_name(f".{out_dir.name}.old-{int(time.time())}")
+            out_dir.rename(trash)
+            tmp.rename(out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return RunResult(out_dir=out_dir, report=report, pipeline=pipe, timings=timings)
+
+
+def lower_exports(pipe, resolved: ResolvedRecipe, shapes: Shapes, folder: Path, stage) -> dict[str, Any]:
+    from snapopt.lowering import coreml, onnx
+
+    spec = resolved.recipe.export
+    wanted = [c for c in spec.components if c in pipe.components()]
+    result: dict[str, Any] = {"coreml": [], "onnx": [], "resources": []}
+    if spec.coreml and wanted:
+        target = min(resolved.targets, key=lambda t: t.ios_major) if resolved.targets else None
+        deployment = target.coreml_deployment_target() if target else None
+        result["coreml_deployment_target"] = str(deployment) if deployment is not None else "iOS16"
+        res = folder / "coreml"
+        for comp in wanted:
+            with stage(f"lower {comp} to Core ML"):
+                info = coreml.lower_component(pipe, comp, shapes, res, deployment_target=deployment, weight_bits=spec.weight_bits,
+                                              compute_units=target.profile.compute_units if target else "CPU_AND_NE")
+                info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
+                result["coreml"].append(info)
+        result["resources"] = coreml.write_tokenizer_resources(pipe, res)
+    if spec.onnx and wanted:
+        for comp in wanted:
+            with stage(f"export {comp} to ONNX"):
+                info = onnx.export_onnx(pipe, comp, shapes, folder / "onnx", check=spec.onnx_check)
+                info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
+                result["onnx"].append(info)
+    return result
+
+
+def build_report(resolved, pipe, shapes, before, after, records, exports, seconds, ctx) -> dict[str, Any]:
+    comps = {}
+    for c in after:
+        b, a = before[c].totals(), after[c].totals()
+        comps[c] = {"before": b, "after": a, "blocks": after[c].rows()}
+        for row in comps[c]["blocks"]:
+            row["out_shape"] = list(row["out_shape"])
+    return {
+        "recipe": resolved.to_dict(),
+        "model": {"source": pipe.source, "resolution": pipe.resolution, "prediction_type": pipe.prediction_type},
+        "shapes": {"resolution": shapes.resolution, "batch": shapes.batch, "text_len": shapes.text_len},
+        "targets": [{"id": t.id, "name": t.device.name, "chip": t.device.chip.name, "ios": t.device.ios} for t in resolved.targets],
+        "components": comps,
+        "passes": [r.to_json() for r in records],
+        "exports": exports,
+        "extra_sections": ctx.report.get("sections", []),
+        "seconds": seconds,
+    }
+
+
+def write_run_files(folder: Path, resolved: ResolvedRecipe, report: dict[str, Any], argv: list[str] | None) -> None:
+    from snapopt.report import render_markdown
+
+    (folder / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+    (folder / "manifest.json").write_text(json.dumps(manifest(resolved, argv), indent=2))
+    (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (folder / "report.md").write_text(render_markdown(report))
+
+
+def manifest(resolved: ResolvedRecipe, argv: list[str] | None) -> dict[str, Any]:
+    """Versions, seed and hashes of every input: what it takes to reproduce the run."""
+    import coremltools
+    import diffusers
+    import onnx
+    import torch
+    import transformers
+
+    import snapopt
+
+    inputs = {}
+    if resolved.path is not None:
+        inputs[str(resolved.path)] = _sha256(resolved.path)
+    model = Path(resolved.recipe.model)
+    if model.exists():
+        for f in sorted(model.rglob("*")) if model.is_dir() else [model]:
+            if f.is_file() and f.suffix in (".safetensors", ".json", ".txt", ".bin"):
+                inputs[str(f)] = _sha256(f)
+    for spec in resolved.recipe.plugins:
+        p = Path(spec.split(":")[0])
+        p = p if p.is_absolute() or resolved.path is None else resolved.path.parent / p
+        if p.is_file():
+            inputs[str(p)] = _sha256(p)
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": argv or sys.argv,
+        "seed": resolved.recipe.seed,
+        "model": resolved.recipe.model,
+        "inputs_sha256": inputs,
+        "versions": {"snapopt": snapopt.__version__, "python": platform.python_version(), "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                     "coremltools": coremltools.__version__, "onnx": onnx.__version__},
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
