@@ -169,11 +169,20 @@ def export(
 
 
 def _register_optional_commands() -> None:
+    """Commands that live beside the feature they drive (latency with the cost models, eval with the zoo)."""
+    try:
+        from snapopt.devices.cli import latency_command, target_app
+    except ImportError:
+        pass
+    else:
+        app.command("latency")(latency_command)
+        app.add_typer(target_app, name="target", help="Work with targets: calibrate a cost model from measured latencies.")
     try:
         from snapopt.zoo.cli import eval_command
     except ImportError:
-        return
-    app.command("eval", help="Evaluate a model: FID, CLIP score and attribute accuracy, with a sample grid.")(eval_command)
+        pass
+    else:
+        app.command("eval", help="Evaluate a model: FID, CLIP score and attribute accuracy, with a sample grid.")(eval_command)
 
 
 _register_optional_commands()
