@@ -87,7 +87,13 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         raise RecipeError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc.__class__.__name__)})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping at the top level")
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
     return validate_recipe(data, path)
 
 

@@ -33,15 +33,18 @@ def render_markdown(report: dict[str, Any]) -> str:
                    f"{_g(c['after']['macs'])} | {c['after']['blocks']} |")
     out.append("")
     if report["passes"]:
-        out += ["## Passes", "", "| # | pass | modified | component | params | MACs | blocks removed | verification | s |",
+        out += ["## Passes", "", "| # | pass | modified | component | params | MACs | blocks | verification | s |",
                 "|---:|---|---|---|---|---|---|---|---:|"]
         for i, p in enumerate(report["passes"]):
             for comp, ch in p["changes"].items():
                 v = p["verification"].get(comp, {})
                 ver = f"rel err {v['relative_error']:.2e}" if "relative_error" in v else ("runs, finite" if v.get("runs") is True else str(v.get("runs", "")))
-                removed = ", ".join(ch["blocks_removed"][:6]) + (" …" if len(ch["blocks_removed"]) > 6 else "")
+                removed = f"{ch['blocks_before']} → {ch['blocks_after']}"
                 out.append(f"| {i} | {p['pass']} | {p['modified']} | {comp} | {_m(ch['params_before'])} → {_m(ch['params_after'])} | "
-                           f"{_g(ch['macs_before'])} → {_g(ch['macs_after'])} | {removed or '–'} | {ver} | {p['seconds']:.2f} |")
+                           f"{_g(ch['macs_before'])} → {_g(ch['macs_after'])} | {removed} | {ver} | {p['seconds']:.2f} |")
+            if p["stats"]:
+                stats = "; ".join(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in p["stats"].items())
+                out.append(f"|  | ↳ {stats} |||||||")
         out.append("")
     for section in report.get("extra_sections", []):
         out += [f"## {section['title']}", "", *section["lines"], ""]

@@ -119,7 +119,7 @@ def lower_exports(pipe, resolved: ResolvedRecipe, shapes: Shapes, folder: Path, 
     if spec.coreml and wanted:
         target = min(resolved.targets, key=lambda t: t.ios_major) if resolved.targets else None
         deployment = target.coreml_deployment_target() if target else None
-        result["coreml_deployment_target"] = str(deployment) if deployment is not None else "iOS16"
+        result["coreml_deployment_target"] = deployment.name if deployment is not None else "iOS16"
         res = folder / "coreml"
         for comp in wanted:
             with stage(f"lower {comp} to Core ML"):
@@ -144,6 +144,10 @@ def build_report(resolved, pipe, shapes, before, after, records, exports, second
         comps[c] = {"before": b, "after": a, "blocks": after[c].rows()}
         for row in comps[c]["blocks"]:
             row["out_shape"] = list(row["out_shape"])
+    latency, latency_lines = _latency_report(resolved.targets, before, after)
+    sections = list(ctx.report.get("sections", []))
+    if latency_lines:
+        sections.append({"title": "Predicted latency per target", "lines": latency_lines})
     return {
         "recipe": resolved.to_dict(),
         "model": {"source": pipe.source, "resolution": pipe.resolution, "prediction_type": pipe.prediction_type},
@@ -152,9 +156,29 @@ def build_report(resolved, pipe, shapes, before, after, records, exports, second
         "components": comps,
         "passes": [r.to_json() for r in records],
         "exports": exports,
-        "extra_sections": ctx.report.get("sections", []),
+        "latency": latency,
+        "extra_sections": sections,
         "seconds": seconds,
     }
+
+
+def _latency_report(targets, before, after) -> tuple[dict[str, Any], list[str]]:
+    """Cost-model latency of every component before and after the passes, per target (see snapopt.devices)."""
+    from snapopt.devices.latency import build_table
+
+    out: dict[str, Any] = {}
+    lines = ["| target | profile | component | before ms | after ms | speed-up | largest block after |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for t in targets:
+        per = out.setdefault(t.id, {"profile": t.profile.name, "components": {}})
+        for comp, g in after.items():
+            b, a = build_table(before[comp], t), build_table(g, t)
+            top = max(a.blocks.values(), key=lambda x: x.us) if a.blocks else None
+            per["components"][comp] = {"before_ms": round(b.total_ms, 3), "after_ms": round(a.total_ms, 3),
+                                       "blocks_us": {n: round(x.us, 2) for n, x in a.blocks.items()}}
+            lines.append(f"| {t.id} | {t.profile.name} | {comp} | {b.total_ms:.1f} | {a.total_ms:.1f} | "
+                         f"{b.total_ms / max(a.total_ms, 1e-9):.2f}× | {top.name + f' ({top.us / 1e3:.1f} ms)' if top else '–'} |")
+    return out, (lines if out else [])
 
 
 def write_run_files(folder: Path, resolved: ResolvedRecipe, report: dict[str, Any], argv: list[str] | None) -> None:

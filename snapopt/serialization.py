@@ -47,6 +47,23 @@ def _plain_config(module) -> dict[str, Any]:
     return json.loads(json.dumps(cfg, default=list))
 
 
+def config_expresses(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s own config rebuilds exactly its parameters (names and shapes), i.e. whether
+    ``save_pretrained`` can hold it. UNets get their config re-derived from their modules first."""
+    from snapopt.models.unet_config import derive_unet_config
+
+    if type(module).__name__ == "UNet2DConditionModel":
+        return derive_unet_config(module) is not None
+    cls = type(module)
+    try:
+        with torch.device("meta"):
+            probe = cls.from_config(module.config) if hasattr(cls, "from_config") else cls(module.config)
+    except Exception:
+        return False
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    return shapes(probe) == shapes(module)
+
+
 def is_snapopt_model(folder: Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
@@ -54,8 +71,6 @@ def is_snapopt_model(folder: Path) -> bool:
 # ---- save -------------------------------------------------------------------------------------------
 def save(pipe: Pipeline, folder: Path, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Write ``pipe`` to ``folder`` (created). Returns the manifest written."""
-    from snapopt.models.unet_config import derive_unet_config
-
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
@@ -73,7 +88,7 @@ def save(pipe: Pipeline, folder: Path, *, dtype: torch.dtype = torch.float32) ->
         if module is None:
             continue
         entry: dict[str, Any] = {"attention": attention_kinds(module)}
-        expressible = not getattr(module, EDITS_ATTR, None) or (attr == "unet" and derive_unet_config(module) is not None)
+        expressible = not getattr(module, EDITS_ATTR, None) or config_expresses(module)
         if expressible:
             to_save = module if dtype == torch.float32 else copy.deepcopy(module).to(dtype)
             to_save.save_pretrained(folder / attr, safe_serialization=True)

@@ -134,8 +134,10 @@ class PassManager:
             changes[comp] = {
                 "params_before": b.params, "params_after": a.params,
                 "macs_before": b.macs, "macs_after": a.macs,
-                "blocks_removed": [x for x in b.blocks if x not in a.blocks],
-                "blocks_added": [x for x in a.blocks if x not in b.blocks],
+                "blocks_before": len(b.blocks), "blocks_after": len(a.blocks),
+                # names, not identities: a removed layer re-indexes its siblings (see the pass's own stats)
+                "names_gone": [x for x in b.blocks if x not in a.blocks],
+                "names_new": [x for x in a.blocks if x not in b.blocks],
             }
         record = PassRecord(name=p.name, options=p.options.model_dump(mode="json"), modified=result.modified,
                             seconds=seconds, stats=result.stats, changes=changes, verification=verification)

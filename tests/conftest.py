@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny models (SD-v1.5's layout, narrow channels) so every test runs in seconds."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "0")
+warnings.filterwarnings("ignore")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+BK_BASE = [f"down_blocks.{i}.{k}.1" for i in range(3) for k in ("resnets", "attentions")] + [
+    "down_blocks.3.resnets.1", "up_blocks.0.resnets.1"] + [f"up_blocks.{i}.{k}.1" for i in (1, 2, 3) for k in ("resnets", "attentions")]
+BK_SMALL = BK_BASE + ["mid_block"]
+BK_TINY = BK_SMALL + ["stage:3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from snapopt.models import load_model
+
+    return load_model("arch:tiny", seed=0)
+
+
+@pytest.fixture()
+def tiny(tiny_pipe):
+    """A private copy of the tiny pipeline a test may mutate."""
+    return tiny_pipe.clone()
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tiny_pipe):
+    from snapopt.lowering.interfaces import Shapes
+
+    return Shapes(resolution=tiny_pipe.resolution, batch=2)

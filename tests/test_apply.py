@@ -1,0 +1,118 @@
+"""`snapopt apply` end to end on the tiny preset: passes, save/reload, Core ML and ONNX, report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import snapopt
+from snapopt.cli import app
+from snapopt.core.verify import compare, run_component
+from snapopt.lowering.interfaces import Shapes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bk_tiny_run(tmp_path_factory):
+    """BK-SDM-Tiny's recipe on arch:tiny: no mid block, three stages — what Apple's converter rejects."""
+    out = tmp_path_factory.mktemp("runs") / "bk-tiny"
+    recipe = REPO / "recipes" / "bk-sdm-tiny.yaml"
+    result = snapopt.apply(recipe, out, model="arch:tiny",
+                           export={"coreml": True, "onnx": True, "components": ["unet", "vae_decoder", "text_encoder"]})
+    return result
+
+
+def test_run_folder_layout(bk_tiny_run):
+    out = bk_tiny_run.out_dir
+    for rel in ["recipe.resolved.yaml", "manifest.json", "report.md", "report.json", "blocks/unet.json",
+                "model/snapopt.json", "model/model_index.json", "exports/coreml/Unet.mlpackage",
+                "exports/coreml/VAEDecoder.mlpackage", "exports/coreml/TextEncoder.mlpackage",
+                "exports/coreml/vocab.json", "exports/coreml/merges.txt", "exports/onnx/Unet.onnx"]:
+        assert (out / rel).exists(), rel
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] == torch.__version__ and manifest["seed"] == 0
+    assert any(k.endswith("bk-sdm-tiny.yaml") for k in manifest["inputs_sha256"])
+
+
+def test_coreml_packages_carry_apples_interface(bk_tiny_run):
+    cm = {e["component"]: e for e in bk_tiny_run.report["exports"]["coreml"]}
+    unet = cm["unet"]
+    assert unet["inputs"] == {"sample": {"shape": [2, 4, 8, 8], "dtype": "float16"},
+                              "timestep": {"shape": [2], "dtype": "float16"},
+                              "encoder_hidden_states": {"shape": [2, 32, 1, 77], "dtype": "float16"}}
+    assert list(unet["outputs"]) == ["noise_pred"]
+    assert list(cm["vae_decoder"]["inputs"]) == ["z"] and cm["vae_decoder"]["outputs"]["image"]["shape"] == [1, 3, 64, 64]
+    assert cm["text_encoder"]["inputs"]["input_ids"] == {"shape": [1, 77], "dtype": "int32"}
+    assert list(cm["text_encoder"]["outputs"]) == ["last_hidden_state", "pooled_outputs"]
+    assert bk_tiny_run.report["exports"]["coreml_deployment_target"].endswith("iOS17")
+
+
+def test_onnx_matches_torch_in_onnxruntime(bk_tiny_run):
+    for e in bk_tiny_run.report["exports"]["onnx"]:
+        assert e["onnxruntime_relative_error"] < 1e-4, e
+        assert e["simplified"]
+
+
+def test_saved_model_reloads_with_identical_outputs(bk_tiny_run):
+    from diffusers import StableDiffusionPipeline
+
+    pipe, folder = bk_tiny_run.pipeline, bk_tiny_run.out_dir / "model"
+    again = snapopt.load(folder)
+    assert again.unet.config.mid_block_type is None and len(again.unet.down_blocks) == 3
+    shapes = Shapes(resolution=64, batch=2)
+    for comp in ("unet", "vae_decoder", "text_encoder"):
+        assert compare(run_component(pipe, comp, shapes), run_component(again, comp, shapes)) < 1e-6
+    sd = StableDiffusionPipeline.from_pretrained(folder)  # diffusers can load it directly
+    assert sum(p.numel() for p in sd.unet.parameters()) == sum(p.numel() for p in pipe.unet.parameters())
+
+
+def test_report_tables(bk_tiny_run):
+    md = (bk_tiny_run.out_dir / "report.md").read_text()
+    assert "| 0 | remove_blocks | True | unet |" in md
+    assert "sample, timestep, encoder_hidden_states → noise_pred" in md
+    comps = bk_tiny_run.report["components"]
+    assert comps["unet"]["after"]["params"] < comps["unet"]["before"]["params"]
+
+
+def test_non_config_structure_saves_as_arch_file_and_reloads(tmp_path):
+    recipe = tmp_path / "lone.yaml"
+    recipe.write_text("name: lone\nmodel: arch:tiny\npasses:\n  - pass: remove_blocks\n"
+                      "    options: {blocks: [down_blocks.0.attentions.1, up_blocks.3.attentions.0]}\n"
+                      "  - pass: attention_original\nexport: {coreml: false, onnx: false}\n")
+    result = snapopt.apply(recipe, tmp_path / "run")
+    folder = tmp_path / "run" / "model"
+    manifest = json.loads((folder / "snapopt.json").read_text())
+    assert manifest["components"]["unet"]["format"] == "snapopt" and not manifest["diffusers_loadable"]
+    arch = json.loads((folder / "unet" / "snapopt_arch.json").read_text())
+    assert [e["pass"] for e in arch["edits"]] == ["remove_blocks"]
+    again = snapopt.load(folder)
+    assert set(manifest["components"]["unet"]["attention"].values()) == {"original"}
+    shapes = Shapes(resolution=64, batch=2)
+    assert compare(run_component(result.pipeline, "unet", shapes), run_component(again, "unet", shapes)) < 1e-6
+
+
+def test_failed_pass_writes_nothing(tmp_path):
+    (tmp_path / "boom.py").write_text(
+        "from snapopt.core import Pass\nclass Boom(Pass):\n    '''Fails.'''\n    name = 'boom'\n"
+        "    def run(self, program, ctx):\n        raise ValueError('no luck')\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodel: arch:tiny\nplugins: [boom.py]\npasses:\n  - pass: boom\n")
+    proc = subprocess.run([sys.executable, "-m", "snapopt.cli", "apply", str(recipe), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: pass 'boom': ValueError: no luck"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boom.py", "r.yaml"]
+
+
+def test_export_command_onnx_only(tmp_path):
+    result = CliRunner().invoke(app, ["export", "arch:tiny", "--format", "onnx", "--component", "vae_decoder",
+                                      "--out", str(tmp_path / "ex")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ex" / "exports" / "onnx" / "VAEDecoder.onnx").is_file()
+    assert not (tmp_path / "ex" / "model").exists()

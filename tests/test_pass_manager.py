@@ -1,0 +1,131 @@
+"""Pass infrastructure: verification, failure isolation, plugins by name, module:Class and file."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from snapopt.core import Pass, PassContext, PassManager, PassOptions, PassResult
+from snapopt.core.registry import PassRegistry
+from snapopt.errors import PassError, PluginError, PostconditionError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "keep_text_layers.py"
+
+
+class ScaleConvOut(Pass):
+    """Multiply conv_out's weights: claims to be exact, is not."""
+
+    name = "scale_conv_out"
+    exact = True
+
+    def run(self, program, ctx):
+        with torch.no_grad():
+            program.unet.conv_out.weight.mul_(2.0)
+        return PassResult(program, modified=True)
+
+
+class PoisonConvOut(Pass):
+    """Makes the UNet produce NaNs."""
+
+    name = "poison_conv_out"
+
+    def run(self, program, ctx):
+        with torch.no_grad():
+            program.unet.conv_out.bias.fill_(float("nan"))
+        return PassResult(program, modified=True)
+
+
+class Crash(Pass):
+    """Raises inside run()."""
+
+    name = "crash"
+
+    def run(self, program, ctx):
+        program.unet.conv_in = None  # mutate, then fail: the caller's program must not see it
+        raise RuntimeError("boom")
+
+
+def test_exact_claim_is_verified(tiny, tiny_shapes):
+    ctx = PassContext(shapes=tiny_shapes, history=["attention_sdpa"])
+    with pytest.raises(PostconditionError, match=r"pass 'scale_conv_out' \(after attention_sdpa\): declared exact but changed 'unet'"):
+        PassManager([ScaleConvOut()], ctx).run(tiny)
+
+
+def test_non_finite_outputs_fail_the_pass(tiny, tiny_shapes):
+    with pytest.raises(PostconditionError, match="non-finite"):
+        PassManager([PoisonConvOut()], PassContext(shapes=tiny_shapes)).run(tiny)
+
+
+def test_crashing_pass_is_named_and_input_untouched(tiny, tiny_shapes):
+    conv_in = tiny.unet.conv_in
+    with pytest.raises(PassError, match="pass 'crash': RuntimeError: boom"):
+        PassManager([Crash()], PassContext(shapes=tiny_shapes)).run(tiny)
+    assert tiny.unet.conv_in is conv_in
+
+
+def test_records_report_changes(tiny, tiny_shapes):
+    from snapopt.passes.remove_blocks import RemoveBlocks
+
+    out, (rec,) = PassManager([RemoveBlocks({"blocks": ["mid_block"]})], PassContext(shapes=tiny_shapes)).run(tiny)
+    ch = rec.changes["unet"]
+    assert ch["params_after"] < ch["params_before"] and ch["macs_after"] < ch["macs_before"]
+    assert set(ch["names_gone"]) == {"mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"}
+    assert ch["blocks_before"] - ch["blocks_after"] == 3
+
+
+def test_builtins_come_from_entry_points():
+    reg = PassRegistry()
+    names = {name: source for name, _, source in reg.items()}
+    assert {"remove_blocks", "attention_sdpa", "attention_split_einsum", "attention_original"} <= set(names)
+    assert names["remove_blocks"].startswith("entry point")
+
+
+def test_plugin_by_file_and_by_module(tmp_path, monkeypatch):
+    reg = PassRegistry()
+    cls = reg.resolve(str(EXAMPLE))
+    assert cls.name == "keep_text_layers" and reg.get("keep_text_layers") is cls
+    (tmp_path / "my_passes.py").write_text(EXAMPLE.read_text().replace('"keep_text_layers"', '"keep_text_layers2"'))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cls2 = PassRegistry().resolve("my_passes:KeepTextLayers")
+    assert cls2.name == "keep_text_layers2"
+
+
+def test_bad_plugins_are_rejected_by_name(tmp_path):
+    reg = PassRegistry()
+    bad = tmp_path / "bad.py"
+    bad.write_text("from snapopt.core import Pass\nclass NoRun(Pass):\n    name = 'no_run'\n")
+    with pytest.raises(PluginError, match="'no_run' from file .*bad.py does not implement run"):
+        reg.resolve(str(bad))
+    (tmp_path / "worse.py").write_text("raise ImportError('missing dependency xyz')\n")
+    with pytest.raises(PluginError, match="cannot import pass file .*worse.py.*xyz"):
+        reg.resolve(str(tmp_path / "worse.py"))
+    (tmp_path / "clash.py").write_text(
+        "from snapopt.core import Pass, PassResult\nclass C(Pass):\n    name = 'remove_blocks'\n"
+        "    def run(self, p, c):\n        return PassResult(p, False)\n")
+    with pytest.raises(PluginError, match="'remove_blocks' .* already registered by entry point"):
+        reg.resolve(str(tmp_path / "clash.py"))
+
+
+def test_options_are_typed():
+    from snapopt.passes.remove_blocks import RemoveBlocks
+
+    with pytest.raises(Exception, match="blocks"):
+        RemoveBlocks({"blokcs": ["mid_block"]})
+
+
+class Opts(PassOptions):
+    factor: float = 1.0
+
+
+def test_option_docs_listed():
+    class P(Pass):
+        """Doc line."""
+
+        name = "p"
+        Options = Opts
+
+        def run(self, program, ctx):
+            return PassResult(program, False)
+
+    assert P.summary() == "Doc line."
+    assert P.option_docs()[0][:3] == ("factor", "float", "1.0")
