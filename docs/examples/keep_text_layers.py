@@ -25,7 +25,8 @@ class KeepTextLayers(Pass):
         return {"text_encoder"}
 
     def run(self, program, ctx):
-        encoder = program.text_encoder.text_model.encoder
+        clip = program.text_encoder
+        encoder = getattr(clip, "text_model", clip).encoder  # transformers < 5 nests a text_model
         total = len(encoder.layers)
         if self.options.keep > total:
             raise UsageError(f"keep_text_layers: keep={self.options.keep} but the text encoder has {total} layers")
