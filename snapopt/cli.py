@@ -120,6 +120,8 @@ def list_passes(verbose: bool = typer.Option(False, "--verbose", "-v", help="sho
         if verbose:
             for opt, ann, default, desc in cls.option_docs():
                 t.add_row("", "", f"  {opt}: {ann} = {default}  {desc}", "")
+    for name, why in PASSES.broken().items():
+        t.add_row(name, "–", "[red]broken plugin[/red]", why)
     console.print(t)
 
 

@@ -38,7 +38,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         for i, p in enumerate(report["passes"]):
             for comp, ch in p["changes"].items():
                 v = p["verification"].get(comp, {})
-                ver = f"rel err {v['relative_error']:.2e}" if "relative_error" in v else ("runs, finite" if v.get("runs") is True else str(v.get("runs", "")))
+                ver = (f"{'exact' if p.get('exact') else 'divergence'}: rel err {v['relative_error']:.2e}" if "relative_error" in v else ""
+                       ) if "relative_error" in v else ("runs, finite" if v.get("runs") is True else str(v.get("runs", "")))
                 removed = f"{ch['blocks_before']} → {ch['blocks_after']}"
                 out.append(f"| {i} | {p['pass']} | {p['modified']} | {comp} | {_m(ch['params_before'])} → {_m(ch['params_after'])} | "
                            f"{_g(ch['macs_before'])} → {_g(ch['macs_after'])} | {removed} | {ver} | {p['seconds']:.2f} |")

@@ -72,12 +72,10 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, p
 
         ctx = PassContext(shapes=shapes, seed=recipe.seed, work_dir=tmp, targets=resolved.targets)
         manager = PassManager(resolved.passes, ctx, tolerance=recipe.verify.tolerance, verify=recipe.verify.enabled,
-                              on_pass=lambda i, p: say(f"pass {i + 1}/{len(resolved.passes)}: {p.name}"))
+                              on_pass=lambda i, p: say(f"pass {i + 1}/{len(resolved.passes)}: {p.name}"), graphs=before)
         with stage("passes"):
             pipe, records = manager.run(pipe)
-
-        with stage("capture result"):
-            after = {c: block_graph(pipe, c, shapes) for c in components}
+        after = {c: manager.graphs[c] for c in components}  # re-captured by the manager after each pass
 
         if recipe.output.save_model:
             import torch
@@ -176,8 +174,8 @@ def _latency_report(targets, before, after) -> tuple[dict[str, Any], list[str]]:
             top = max(a.blocks.values(), key=lambda x: x.us) if a.blocks else None
             per["components"][comp] = {"before_ms": round(b.total_ms, 3), "after_ms": round(a.total_ms, 3),
                                        "blocks_us": {n: round(x.us, 2) for n, x in a.blocks.items()}}
-            lines.append(f"| {t.id} | {t.profile.name} | {comp} | {b.total_ms:.1f} | {a.total_ms:.1f} | "
-                         f"{b.total_ms / max(a.total_ms, 1e-9):.2f}× | {top.name + f' ({top.us / 1e3:.1f} ms)' if top else '–'} |")
+            lines.append(f"| {t.id} | {t.profile.name} | {comp} | {b.total_ms:.2f} | {a.total_ms:.2f} | "
+                         f"{b.total_ms / max(a.total_ms, 1e-9):.2f}× | {top.name + f' ({top.us / 1e3:.2f} ms)' if top else '–'} |")
     return out, (lines if out else [])
 
 

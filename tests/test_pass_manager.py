@@ -129,3 +129,16 @@ def test_option_docs_listed():
 
     assert P.summary() == "Doc line."
     assert P.option_docs()[0][:3] == ("factor", "float", "1.0")
+
+
+def test_broken_entry_point_does_not_hide_other_passes(tmp_path, monkeypatch):
+    dist = tmp_path / "brokenplugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[snapopt.passes]\nghost = not_a_module_xyz:Ghost\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = PassRegistry()
+    assert reg.get("remove_blocks").name == "remove_blocks"
+    with pytest.raises(PluginError, match="cannot load pass plugin entry point 'ghost = not_a_module_xyz:Ghost'"):
+        reg.get("ghost")
+    assert "ghost" in reg.broken()

@@ -37,7 +37,8 @@ def test_bk_students_keep_teacher_weights_and_run(tiny, tiny_shapes, blocks):
     ctx = PassContext(shapes=tiny_shapes)
     out, records = PassManager([RemoveBlocks({"blocks": blocks})], ctx).run(tiny)
     assert torch.equal(out.unet.down_blocks[1].resnets[0].conv1.weight, teacher_w)
-    assert records[0].verification["unet"] == {"runs": True, "finite": True}
+    v = records[0].verification["unet"]
+    assert v["runs"] is True and v["finite"] is True and v["relative_error"] > 0  # lossy: divergence reported
     y = run_component(out, "unet", tiny_shapes).tensors[0]
     assert y.shape == (2, 4, 8, 8)
 

@@ -31,9 +31,14 @@ class ComponentOptions(PassOptions):
 
 @dataclass
 class PassResult:
+    """What a pass returns. ``replay_options``: for a structural pass whose options select blocks indirectly
+    (by resolution, by importance), the options that name the chosen structure explicitly, so that
+    ``snapopt.load`` can rebuild it without the capture or the weights that chose it."""
+
     program: Pipeline
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    replay_options: dict[str, Any] | None = None
 
 
 @dataclass

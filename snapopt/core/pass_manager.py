@@ -27,8 +27,7 @@ class ComponentStats:
     blocks: list[str]
 
     @classmethod
-    def measure(cls, pipe: Pipeline, component: str, shapes) -> "ComponentStats":
-        g = block_graph(pipe, component, shapes)
+    def of(cls, g) -> "ComponentStats":
         return cls(params=g.total_params, macs=g.totals()["macs"], blocks=[b for b in g.blocks() if g.node(b)["kind"] != "other"])
 
 
@@ -40,23 +39,31 @@ class PassRecord:
     options: dict[str, Any]
     modified: bool
     seconds: float
+    exact: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
     changes: dict[str, dict[str, Any]] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"pass": self.name, "options": self.options, "modified": self.modified, "seconds": round(self.seconds, 3),
+        return {"pass": self.name, "exact": self.exact, "options": self.options, "modified": self.modified, "seconds": round(self.seconds, 3),
                 "stats": self.stats, "changes": self.changes, "verification": self.verification}
 
 
 class PassManager:
     def __init__(self, passes: list[Pass], ctx: PassContext, *, tolerance: float = 1e-4, verify: bool = True,
-                 on_pass: Callable[[int, Pass], None] | None = None):
+                 on_pass: Callable[[int, Pass], None] | None = None, graphs: dict | None = None):
         self.passes = passes
         self.ctx = ctx
         self.tolerance = tolerance
         self.verify = verify
         self.on_pass = on_pass
+        #: latest block graph per component: a pass's "after" capture is the next pass's "before"
+        self.graphs: dict = dict(graphs or {})
+
+    def graph(self, program: Pipeline, component: str):
+        if component not in self.graphs:
+            self.graphs[component] = block_graph(program, component, self.ctx.shapes)
+        return self.graphs[component]
 
     def run(self, program: Pipeline) -> tuple[Pipeline, list[PassRecord]]:
         records = []
@@ -76,8 +83,9 @@ class PassManager:
             if comp not in program.components():
                 raise PreconditionError(p.name, f"model has no component '{comp}'", history)
         can_run = not program.structure_only
-        before_stats = {c: ComponentStats.measure(program, c, shapes) for c in touched}
-        before_out = {c: run_component(program, c, shapes, self.ctx.seed) for c in touched} if (self.verify and can_run and p.exact) else {}
+        before_stats = {c: ComponentStats.of(self.graph(program, c)) for c in touched}
+        # outputs before the pass: exact passes must reproduce them, lossy ones report how far they moved
+        before_out = {c: run_component(program, c, shapes, self.ctx.seed) for c in touched} if (self.verify and can_run) else {}
 
         start = time.perf_counter()
         candidate = program.clone(touched)
@@ -101,14 +109,15 @@ class PassManager:
 
         if p.structural and result.modified:
             for attr in owners:
-                record_edit(getattr(new, attr), p.name, p.options.model_dump(mode="json"))
+                record_edit(getattr(new, attr), p.name, result.replay_options or p.options.model_dump(mode="json"))
         verification: dict[str, Any] = {}
-        after_stats = {}
+        after_stats, after_graphs = {}, {}
         for comp in touched:
             try:
-                after_stats[comp] = ComponentStats.measure(new, comp, shapes)  # re-capture: the graph must still export
+                after_graphs[comp] = block_graph(new, comp, shapes)  # re-capture: the graph must still export
             except SnapoptError as exc:
                 raise PostconditionError(p.name, f"result no longer captures: {exc}", history) from None
+            after_stats[comp] = ComponentStats.of(after_graphs[comp])
             if self.verify and can_run:
                 try:
                     out = run_component(new, comp, shapes, self.ctx.seed)
@@ -118,9 +127,9 @@ class PassManager:
                 if problem:
                     raise PostconditionError(p.name, problem, history)
                 entry: dict[str, Any] = {"runs": True, "finite": True}
+                err = compare(before_out[comp], out)
+                entry["relative_error"] = err
                 if p.exact:
-                    err = compare(before_out[comp], out)
-                    entry["relative_error"] = err
                     if not err <= self.tolerance:
                         raise PostconditionError(
                             p.name, f"declared exact but changed '{comp}' outputs by relative error {err:.3g} > {self.tolerance:g}", history)
@@ -139,6 +148,7 @@ class PassManager:
                 "names_gone": [x for x in b.blocks if x not in a.blocks],
                 "names_new": [x for x in a.blocks if x not in b.blocks],
             }
-        record = PassRecord(name=p.name, options=p.options.model_dump(mode="json"), modified=result.modified,
+        self.graphs.update(after_graphs)
+        record = PassRecord(name=p.name, exact=p.exact, options=p.options.model_dump(mode="json"), modified=result.modified,
                             seconds=seconds, stats=result.stats, changes=changes, verification=verification)
         return new, record

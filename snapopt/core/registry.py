@@ -28,6 +28,7 @@ class PassRegistry:
         self._passes: dict[str, type[Pass]] = {}
         self._sources: dict[str, str] = {}
         self._loaded_entry_points = False
+        self._broken: dict[str, str] = {}
 
     # -- registration -----------------------------------------------------------------------------------
     def register(self, cls: object, source: str) -> type[Pass]:
@@ -44,15 +45,19 @@ class PassRegistry:
         if self._loaded_entry_points:
             return
         self._loaded_entry_points = True
+        # A broken plugin is rejected by name; it must not take the other passes down with it, so the
+        # error is kept and raised when (and only when) that pass is asked for.
         for ep in entry_points(group=PASS_GROUP):
             source = f"entry point '{ep.name} = {ep.value}' ({ep.dist.name if ep.dist else 'unknown dist'})"
             try:
                 cls = ep.load()
+                if getattr(cls, "name", None) != ep.name:
+                    raise PluginError(f"pass plugin {source}: entry point name must equal the class's name '{getattr(cls, 'name', None)}'")
+                self.register(cls, source)
+            except PluginError as exc:
+                self._broken[ep.name] = str(exc)
             except Exception as exc:
-                raise PluginError(f"cannot load pass plugin {source}: {exc}") from None
-            if getattr(cls, "name", None) != ep.name:
-                raise PluginError(f"pass plugin {source}: entry point name must equal the class's name '{getattr(cls, 'name', None)}'")
-            self.register(cls, source)
+                self._broken[ep.name] = f"cannot load pass plugin {source}: {exc.__class__.__name__}: {exc}"
 
     def load_spec(self, spec: str, base_dir: Path | None = None) -> type[Pass]:
         """Register passes from ``module:Class``, ``file.py``, or ``file.py:Class``; return the pass named."""
@@ -87,6 +92,8 @@ class PassRegistry:
     # -- lookup -----------------------------------------------------------------------------------------
     def get(self, name: str) -> type[Pass]:
         self.load_entry_points()
+        if name in self._broken and name not in self._passes:
+            raise PluginError(self._broken[name])
         try:
             return self._passes[name]
         except KeyError:
@@ -104,6 +111,11 @@ class PassRegistry:
     def items(self) -> list[tuple[str, type[Pass], str]]:
         self.load_entry_points()
         return [(n, self._passes[n], self._sources[n]) for n in sorted(self._passes)]
+
+    def broken(self) -> dict[str, str]:
+        """Plugins that failed to load, with why (shown by ``snapopt passes``)."""
+        self.load_entry_points()
+        return dict(self._broken)
 
 
 def validate_pass_class(cls: object, source: str) -> None:

@@ -40,8 +40,12 @@ class DeviceSpec(_Strict):
 
 
 class DeploymentProfile(_Strict):
+    """How the model is deployed: published latencies differ by attention form, weight bits and runtime,
+    so each profile carries its own calibration."""
+
     name: str = "fp16"
-    attention: Literal["original", "split_einsum", "sdpa"] = "split_einsum"
+    attention: Literal["original", "split_einsum", "split_einsum_v2", "sdpa"] = Field(
+        "split_einsum", description="attention form on device; split_einsum_v2 also chunks the query sequence (Apple's SPLIT_EINSUM_V2)")
     weight_bits: int = Field(16, description="16 (fp16) or palettization bits 1-8")
     activation_bits: Literal[16] = 16
     compute_units: Literal["CPU_AND_NE", "ALL", "CPU_AND_GPU", "CPU_ONLY"] = "CPU_AND_NE"
@@ -54,11 +58,31 @@ class Calibration(_Strict):
     fitted_on: list[str] = Field(default_factory=list)
 
 
+class ProfileVariant(_Strict):
+    """Another deployment of the same phone, with its own calibration (select it as ``<id>@<profile name>``)."""
+
+    profile: DeploymentProfile
+    calibration: Calibration = Field(default_factory=Calibration)
+
+
 class Target(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="registry id, e.g. iphone-14-pro")
     device: DeviceSpec
     profile: DeploymentProfile = Field(default_factory=DeploymentProfile)
     calibration: Calibration = Field(default_factory=Calibration)
+    other_profiles: list[ProfileVariant] = Field(default_factory=list, description="further calibrated deployments")
+
+    def profile_names(self) -> list[str]:
+        return [self.profile.name, *(v.profile.name for v in self.other_profiles)]
+
+    def with_profile(self, name: str) -> "Target":
+        """This phone under another of its deployment profiles (the profile's calibration comes with it)."""
+        if name == self.profile.name:
+            return self
+        for v in self.other_profiles:
+            if v.profile.name == name:
+                return self.model_copy(update={"profile": v.profile, "calibration": v.calibration})
+        raise TargetError(f"target '{self.id}' has no profile '{name}'; profiles: {', '.join(self.profile_names())}")
 
     @property
     def ios_major(self) -> int:
@@ -95,7 +119,9 @@ def load_target_file(path: str | Path) -> Target:
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # a misspelt key also makes the intended one "missing": name the misspelling first
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
     msg = err["msg"]
     if err["type"] == "extra_forbidden":

@@ -61,14 +61,19 @@ class SplitEinsumAttnProcessor:
 
 
 def make_processor(kind: str):
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
-    return {"original": AttnProcessor, "sdpa": AttnProcessor2_0, "split_einsum": SplitEinsumAttnProcessor}[kind]()
+    return {"original": AttnProcessor, "sdpa": AttnProcessor2_0, "split_einsum": SplitEinsumAttnProcessor,
+            "grouped_kv": GroupedKVAttnProcessor, "fused_sdpa": FusedAttnProcessor2_0}[kind]()
+
+
+_KINDS = {"AttnProcessor": "original", "AttnProcessor2_0": "sdpa", "SplitEinsumAttnProcessor": "split_einsum",
+          "GroupedKVAttnProcessor": "grouped_kv", "FusedAttnProcessor2_0": "fused_sdpa"}
 
 
 def processor_kind(processor) -> str:
     name = type(processor).__name__
-    return {"AttnProcessor": "original", "AttnProcessor2_0": "sdpa", "SplitEinsumAttnProcessor": "split_einsum"}.get(name, name)
+    return _KINDS.get(name, name)
 
 
 def attention_modules(root: nn.Module) -> dict[str, nn.Module]:
@@ -77,13 +82,47 @@ def attention_modules(root: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in root.named_modules() if isinstance(m, Attention)}
 
 
+#: implementations tied to a structure (shrunk K/V, fused projections): only their own pass sets them
+STRUCTURAL_KINDS = {"grouped_kv", "fused_sdpa"}
+
+
 def set_attention(root: nn.Module, kind: str) -> int:
-    """Give every diffusers ``Attention`` under ``root`` the ``kind`` implementation; return how many."""
-    mods = attention_modules(root)
-    for m in mods.values():
+    """Give every diffusers ``Attention`` under ``root`` the ``kind`` implementation; return how many.
+    Attentions whose structure fixes their implementation (grouped K/V, fused QKV) keep theirs."""
+    count = 0
+    for m in attention_modules(root).values():
+        if processor_kind(m.processor) in STRUCTURAL_KINDS:
+            continue
         m.set_processor(make_processor(kind))
-    return len(mods)
+        count += 1
+    return count
 
 
 def attention_kinds(root: nn.Module) -> dict[str, str]:
     return {name: processor_kind(m.processor) for name, m in attention_modules(root).items()}
+
+
+class GroupedKVAttnProcessor:
+    """Grouped-query attention (multi-query when ``kv_heads == 1``): ``attn.heads`` query heads share
+    ``attn.kv_heads`` key/value heads, so K/V projections and the KV tensors shrink by heads/kv_heads."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        import torch.nn.functional as F
+
+        if attention_mask is not None:
+            raise NotImplementedError("grouped-KV attention does not support attention masks")
+        b, s, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.to_q(hidden_states)
+        k, v = attn.to_k(context), attn.to_v(context)
+        heads, groups = attn.heads, attn.kv_heads
+        d = q.shape[-1] // heads
+        q = q.view(b, -1, heads, d).transpose(1, 2)
+        k = k.view(b, -1, groups, d).transpose(1, 2).repeat_interleave(heads // groups, dim=1)
+        v = v.view(b, -1, groups, d).transpose(1, 2).repeat_interleave(heads // groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(b, s, heads * d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor

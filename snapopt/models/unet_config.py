@@ -23,7 +23,9 @@ def _heads(block: nn.Module) -> int | None:
     for attn in _real(getattr(block, "attentions", None) or []):
         tb = getattr(attn, "transformer_blocks", None)
         if tb:
-            return int(tb[0].attn1.heads)
+            for attn in (tb[0].attn1, getattr(tb[0], "attn2", None)):
+                if getattr(attn, "heads", None) is not None:
+                    return int(attn.heads)
     return None
 
 

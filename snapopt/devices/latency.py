@@ -1,0 +1,126 @@
+"""Per-block latency lookup tables: the cost model summed per block of the block IR, once.
+
+Block pruning asks "how fast is the UNet without blocks X, Y?" thousands of times; a table answers from
+per-block sums without re-capturing or re-pricing ops. Blocks are priced independently (inputs and outputs
+on the primary compute unit), so a subset's latency is the sum of its blocks plus the per-call cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from snapopt.devices.cost_model import UNITS, CostModel
+from snapopt.devices.target import Target
+from snapopt.errors import UsageError
+from snapopt.ir.block_graph import BlockGraph
+
+
+@dataclass
+class BlockLatency:
+    name: str
+    kind: str
+    resolution: int | None
+    us: float
+    compute_us: float
+    memory_us: float
+    transfer_us: float
+    dram_mb: float
+    by_unit_us: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()} | {
+            "by_unit_us": {u: round(t, 3) for u, t in self.by_unit_us.items()}}
+
+
+@dataclass
+class LatencyTable:
+    """Latency of one component on one target, per block, in microseconds."""
+
+    target_id: str
+    profile: str
+    component: str
+    fixed_us: float
+    blocks: dict[str, BlockLatency] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def latency_us(self, blocks: Iterable[str] | None = None) -> float:
+        """Latency of running only ``blocks`` (all blocks when None), per-call cost included."""
+        if blocks is None:
+            return self.fixed_us + sum(b.us for b in self.blocks.values())
+        total = self.fixed_us
+        for name in blocks:
+            try:
+                total += self.blocks[name].us
+            except KeyError:
+                raise UsageError(f"latency table {self.component}@{self.target_id}: unknown block '{name}'") from None
+        return total
+
+    def without_us(self, removed: Iterable[str]) -> float:
+        """Latency after removing ``removed`` blocks (what block pruning's ΔLatency needs)."""
+        removed = set(removed)
+        unknown = removed - self.blocks.keys()
+        if unknown:
+            raise UsageError(f"latency table {self.component}@{self.target_id}: unknown block '{sorted(unknown)[0]}'")
+        return self.latency_us(n for n in self.blocks if n not in removed)
+
+    @property
+    def total_ms(self) -> float:
+        return self.latency_us() / 1e3
+
+    def by_stage_us(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, b in self.blocks.items():
+            stage = ".".join(name.split(".")[:2]) if name.startswith(("down_blocks", "up_blocks")) else name.split(".")[0]
+            out[stage] = out.get(stage, 0.0) + b.us
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target_id, "profile": self.profile, "component": self.component,
+                "total_ms": round(self.total_ms, 3), "fixed_us": round(self.fixed_us, 3), **self.meta,
+                "blocks": [b.to_json() for b in self.blocks.values()]}
+
+
+def build_table(graph: BlockGraph, target: Target, overrides: dict[str, float] | None = None) -> LatencyTable:
+    """Price every op of ``graph`` on ``target`` and sum per block."""
+    model = CostModel(target, overrides)
+    all_ops = [op for name in graph.blocks() for op in graph.ops(name)]
+    weight_total = model.total_weight_bytes(all_ops)
+    stream = model.weights_stream(weight_total)
+    table = LatencyTable(target.id, target.profile.name, graph.component, model.fixed_us(weight_total),
+                         meta={"weights_mb": round(weight_total / 1e6, 1), "weights_streamed": stream,
+                               "attention": target.profile.attention, "weight_bits": target.profile.weight_bits,
+                               "compute_units": target.profile.compute_units,
+                               "inputs": {k: list(v) for k, v in graph.input_shapes.items()}})
+    for name in graph.blocks():
+        node = graph.node(name)
+        costs = model.ops_cost(graph.ops(name), stream)
+        by_unit = {u: 0.0 for u in UNITS}
+        for c in costs:
+            by_unit[c.unit] += c.us
+        table.blocks[name] = BlockLatency(
+            name=name, kind=node["kind"], resolution=node.get("resolution"), us=sum(c.us for c in costs),
+            compute_us=sum(c.compute_us for c in costs), memory_us=sum(c.memory_us for c in costs),
+            transfer_us=sum(c.transfer_us for c in costs), dram_mb=sum(c.dram_bytes for c in costs) / 1e6,
+            by_unit_us={u: t for u, t in by_unit.items() if t > 0})
+    return table
+
+
+def model_tables(model: str, targets: list[Target], component: str = "unet", resolution: int | None = None,
+                 batch: int | None = None) -> tuple[list[LatencyTable], dict[str, Any]]:
+    """Capture ``component`` of ``model`` once and price it on every target (arch: presets on the meta device).
+
+    ``batch`` defaults to 2 for the UNet (classifier-free guidance runs both halves) and 1 otherwise."""
+    from snapopt.capture import block_graph
+    from snapopt.lowering.interfaces import Shapes
+    from snapopt.models.loading import load_model
+
+    owner = "vae" if component.startswith("vae") else component
+    pipe = load_model(model, components=(owner,), structure_only=model.startswith("arch:"), resolution=resolution)
+    if batch is None:
+        batch = 2 if component == "unet" else 1
+    shapes = Shapes(resolution=pipe.resolution, batch=batch)
+    graph = block_graph(pipe, component, shapes)
+    info = {"model": pipe.source, "component": component, "resolution": pipe.resolution, "batch": batch,
+            "macs": graph.totals()["macs"], "params": graph.totals()["params"]}
+    return [build_table(graph, t) for t in targets], info
