@@ -29,6 +29,7 @@ from snapopt.models.unet_config import sync_unet_config
 
 class RemoveBlocksOptions(ComponentOptions):
     blocks: list[str] = Field(min_length=1, description="module paths of the blocks to remove (see `snapopt inspect`)")
+    keep_skips: bool = Field(False, description="never delete a down/up layer (and its skip connection): skip blocks in place instead")
 
     @field_validator("blocks")
     @classmethod
@@ -83,7 +84,7 @@ class RemoveBlocks(Pass):
             parent = modules[parent_name]
             for idx in sorted(by_idx, reverse=True):
                 kinds = by_idx[idx]
-                removed, skip = _remove_layer(parent, parent_name, idx, kinds)
+                removed, skip = _remove_layer(parent, parent_name, idx, kinds, self.options.keep_skips)
                 removed_layers += removed
                 skipped += skip
         for name in samplers:
@@ -124,7 +125,7 @@ def _expand(names: list[str], root: nn.Module) -> list[str]:
     return out
 
 
-def _remove_layer(parent: nn.Module, parent_name: str, idx: int, kinds: set[str]) -> tuple[list[str], list[str]]:
+def _remove_layer(parent: nn.Module, parent_name: str, idx: int, kinds: set[str], keep_skips: bool = False) -> tuple[list[str], list[str]]:
     """Remove layer ``idx`` of a block container, or skip its attention/ResNet in place."""
     if "layers" in kinds:  # a plain ModuleList of shape-preserving layers (CLIP encoder layers)
         del parent[idx]
@@ -134,7 +135,7 @@ def _remove_layer(parent: nn.Module, parent_name: str, idx: int, kinds: set[str]
     has_attn = attentions is not None and len(attentions) > 0
     is_mid = parent_name.endswith("mid_block")
     whole_layer = "resnets" in kinds and ("attentions" in kinds or not has_attn or idx >= len(attentions))
-    if whole_layer and not is_mid:
+    if whole_layer and not is_mid and not keep_skips:
         del resnets[idx]
         if has_attn and idx < len(attentions):
             del attentions[idx]

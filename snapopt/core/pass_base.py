@@ -39,6 +39,8 @@ class PassResult:
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     replay_options: dict[str, Any] | None = None
+    #: the pass that rebuilds the structure on load, when not this one (block_prune replays as remove_blocks)
+    replay_pass: str | None = None
 
 
 @dataclass

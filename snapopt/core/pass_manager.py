@@ -109,7 +109,7 @@ class PassManager:
 
         if p.structural and result.modified:
             for attr in owners:
-                record_edit(getattr(new, attr), p.name, result.replay_options or p.options.model_dump(mode="json"))
+                record_edit(getattr(new, attr), result.replay_pass or p.name, result.replay_options or p.options.model_dump(mode="json"))
         verification: dict[str, Any] = {}
         after_stats, after_graphs = {}, {}
         for comp in touched:

@@ -1,0 +1,180 @@
+"""``block_prune``: SnapFusion's architecture evolving (arXiv 2306.00980, Algorithm 1, evaluation part).
+
+For every candidate block (attention blocks and channel-preserving ResNets) the pass measures what skipping
+it costs in quality (ΔQuality, from an evaluator) and saves in latency on the target (ΔLatency, from the
+target's per-block lookup table), and ranks blocks by value = ΔQuality / ΔLatency. It removes the
+lowest-value block, re-scores the survivors every ``reevaluate_every`` removals, and stops once the UNet
+meets the latency budget. If it then has room, it adds back the highest-value removed block that still
+fits (the paper's A+ action; duplicating a block would need training, so it is left to the recovery
+trainer). Every evaluation goes into the run report (a table and a plot of ΔQuality against ΔLatency); the
+chosen blocks are then removed physically with ``remove_blocks`` (in place, keeping skip connections).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from snapopt.core import ComponentOptions, Pass, PassContext, PassResult
+from snapopt.errors import UsageError
+
+
+class BlockPruneOptions(ComponentOptions):
+    component: Literal["unet"] = "unet"
+    target: str | None = Field(None, description="target whose latency table is used (default: the recipe's first)")
+    budget_ms: float | None = Field(None, gt=0, description="latency budget per UNet call on the target, ms")
+    budget_fraction: float | None = Field(None, gt=0, le=1, description="budget as a fraction of the model's latency before pruning")
+    evaluator: Literal["teacher_distance"] = Field("teacher_distance", description="quality metric for ΔQuality")
+    prompts: int = Field(4, ge=1, le=64, description="validation prompts (batch) per evaluation")
+    timesteps: list[int] = Field(default_factory=lambda: [999, 750, 500, 250, 50], min_length=1,
+                                 description="diffusion timesteps the evaluator compares outputs at")
+    kinds: list[Literal["attention", "resnet"]] = Field(default_factory=lambda: ["attention", "resnet"])
+    candidates: list[str] = Field(default_factory=list, description="restrict to these blocks (default: every skippable block)")
+    reevaluate_every: int = Field(0, ge=0, description="re-score survivors after this many removals (0: rank once)")
+    add_back: bool = Field(True, description="A+ action: add back the highest-value removed block while under budget")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.budget_ms is None) == (self.budget_fraction is None):
+            raise ValueError("give exactly one of budget_ms and budget_fraction")
+        return self
+
+
+class BlockPrune(Pass):
+    """Remove the UNet blocks with the least quality per millisecond (ΔQuality/ΔLatency) until a latency budget is met (SnapFusion)."""
+
+    name = "block_prune"
+    Options = BlockPruneOptions
+    structural = True
+
+    def run(self, program, ctx: PassContext) -> PassResult:
+        from snapopt.capture import block_graph
+        from snapopt.devices.latency import build_table
+        from snapopt.models.skipping import skip_blocks, skippable_blocks
+        from snapopt.passes.remove_blocks import RemoveBlocks
+        from snapopt.quality import TeacherDistance
+
+        o = self.options
+        if program.structure_only:
+            raise UsageError("block_prune needs weights to measure quality; load the model without structure_only")
+        target = _pick_target(ctx, o.target)
+        table = build_table(block_graph(program, "unet", ctx.shapes), target)
+        baseline_ms = table.total_ms
+        budget_ms = o.budget_ms if o.budget_ms is not None else o.budget_fraction * baseline_ms
+        skippable = {n: k for n, k in skippable_blocks(program.unet).items() if k in o.kinds}
+        if o.candidates:
+            missing = [c for c in o.candidates if c not in skippable]
+            if missing:
+                raise UsageError(f"block_prune: '{missing[0]}' is not a skippable {'/'.join(o.kinds)} block")
+            skippable = {n: skippable[n] for n in o.candidates}
+        evaluator = TeacherDistance.prepare(program, latent=ctx.shapes.latent(program), prompts=o.prompts,
+                                            timesteps=tuple(o.timesteps), seed=ctx.seed)
+        base_q = evaluator.score(program)
+
+        removed: list[str] = []
+        log: list[dict] = []
+
+        def evaluate(round_: int) -> dict[str, dict]:
+            """Score skipping each surviving candidate on top of what is already removed."""
+            with skip_blocks(program.unet, removed):
+                q0 = evaluator.score(program)
+            now_us = table.latency_us(_kept(table, removed))
+            rows = {}
+            for name, kind in skippable.items():
+                if name in removed:
+                    continue
+                with skip_blocks(program.unet, removed + [name]):
+                    d_q = evaluator.score(program) - q0
+                d_lat = now_us - table.latency_us(_kept(table, removed + [name]))
+                rows[name] = {"block": name, "kind": kind, "resolution": table.blocks[name].resolution, "round": round_,
+                              "delta_quality": d_q, "delta_latency_ms": d_lat / 1e3,
+                              "value": d_q / max(d_lat / 1e3, 1e-6)}
+            log.extend(rows.values())
+            return rows
+
+        current_ms = baseline_ms
+        scores = evaluate(0)
+        since = 0
+        while current_ms > budget_ms and scores:
+            name = min(scores, key=lambda n: scores[n]["value"])
+            removed.append(name)
+            scores.pop(name)
+            current_ms = table.latency_us(_kept(table, removed)) / 1e3
+            since += 1
+            if o.reevaluate_every and since >= o.reevaluate_every and current_ms > budget_ms:
+                scores, since = evaluate(len(removed)), 0
+        if current_ms > budget_ms:
+            raise UsageError(f"block_prune: budget {budget_ms:.1f} ms on {target.id} not reachable by skipping blocks "
+                             f"(best {current_ms:.1f} ms of {baseline_ms:.1f} ms)")
+        added_back = []
+        if o.add_back:
+            chosen = {r["block"]: r for r in log if r["block"] in removed}
+            for name in sorted(removed, key=lambda n: -chosen[n]["value"]):
+                trial = [r for r in removed if r != name]
+                if table.latency_us(_kept(table, trial)) / 1e3 <= budget_ms:
+                    removed, added_back = trial, added_back + [name]
+            current_ms = table.latency_us(_kept(table, removed)) / 1e3
+        with skip_blocks(program.unet, removed):
+            final_q = evaluator.score(program)
+
+        RemoveBlocks({"component": "unet", "blocks": removed, "keep_skips": True}).run(program, ctx)
+        stats = {"target": target.id, "baseline_ms": round(baseline_ms, 2), "budget_ms": round(budget_ms, 2),
+                 "final_ms": round(current_ms, 2), "baseline_quality": base_q, "final_quality": final_q,
+                 "evaluator": evaluator.name, "removed": removed, "added_back": added_back, "evaluations": len(log)}
+        _report(ctx, stats, log, removed)
+        return PassResult(program, modified=bool(removed), stats=stats,
+                          replay_pass="remove_blocks", replay_options={"component": "unet", "blocks": removed, "keep_skips": True})
+
+
+def _kept(table, removed: list[str]) -> list[str]:
+    gone = set(removed)
+    return [n for n in table.blocks if n not in gone]
+
+
+def _pick_target(ctx: PassContext, ref: str | None):
+    from snapopt.devices.registry import TARGETS
+
+    if ref:
+        return TARGETS.resolve(ref)
+    if not ctx.targets:
+        raise UsageError("block_prune: no target: set options.target or the recipe's targets")
+    return ctx.targets[0]
+
+
+def _report(ctx: PassContext, stats: dict, log: list[dict], removed: list[str]) -> None:
+    """Add the value table and a ΔQuality-vs-ΔLatency plot to the run report."""
+    lines = [f"Target {stats['target']}: {stats['baseline_ms']} ms → {stats['final_ms']} ms (budget {stats['budget_ms']} ms); "
+             f"{stats['evaluator']} {stats['baseline_quality']:.4f} → {stats['final_quality']:.4f}.", "",
+             "| round | block | kind | res | ΔQuality | ΔLatency ms | value | removed |", "|---:|---|---|---:|---:|---:|---:|---|"]
+    for r in sorted(log, key=lambda r: (r["round"], r["value"])):
+        lines.append(f"| {r['round']} | {r['block']} | {r['kind']} | {r['resolution']} | {r['delta_quality']:.4g} | "
+                     f"{r['delta_latency_ms']:.3g} | {r['value']:.4g} | {'yes' if r['block'] in removed else ''} |")
+    if ctx.work_dir is not None:
+        path = ctx.work_dir / "block_prune_value.png"
+        _plot(path, log, removed, stats)
+        lines = [f"![block value]({path.name})", ""] + lines
+    ctx.report.setdefault("sections", []).append({"title": "Block pruning (value = ΔQuality / ΔLatency)", "lines": lines})
+    ctx.report.setdefault("block_prune", []).append({"stats": stats, "evaluations": log})
+
+
+def _plot(path, log, removed, stats) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in (("attention", "o"), ("resnet", "s")):
+        pts = [r for r in log if r["kind"] == kind and r["round"] == 0]
+        ax.scatter([r["delta_latency_ms"] for r in pts], [r["delta_quality"] for r in pts], marker=marker, label=kind, alpha=0.7)
+    chosen = [r for r in log if r["block"] in removed and r["round"] == 0]
+    ax.scatter([r["delta_latency_ms"] for r in chosen], [r["delta_quality"] for r in chosen], s=140, facecolors="none",
+               edgecolors="red", label="removed")
+    ax.set_xlabel(f"ΔLatency when skipped (ms, {stats['target']})")
+    ax.set_ylabel(f"ΔQuality ({stats['evaluator']}, lower is better)")
+    ax.set_title("Block value: quality lost per millisecond saved")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

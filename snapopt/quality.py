@@ -1,0 +1,79 @@
+"""Quality evaluators for decisions inside passes (block pruning's ΔQuality).
+
+An evaluator scores a pipeline; *lower is better*, so ΔQuality = score(with change) − score(baseline) is the
+quality a change costs. ``teacher_distance`` needs no evaluation weights: the relative distance of the UNet's
+noise predictions to the teacher's on a seeded validation batch, over timesteps spread across the schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from snapopt.models.pipeline import Pipeline
+
+VALIDATION_PROMPTS = [
+    "a small red circle left of a blue square on a white background",
+    "a photo of a cat sitting on a wooden chair",
+    "a mountain lake at sunrise, oil painting",
+    "a large green triangle above a yellow circle",
+    "a portrait of an astronaut, studio lighting",
+    "a bowl of fruit on a kitchen table",
+    "two blue squares on a black background",
+    "a city street at night in the rain",
+]
+
+
+class QualityEvaluator(Protocol):
+    name: str
+
+    def score(self, pipe: Pipeline) -> float: ...
+
+
+@dataclass
+class TeacherDistance:
+    """Mean relative L2 distance of the UNet's outputs to the teacher's (weight-free, deterministic).
+
+    All timesteps go through the UNet as one batch: one forward per evaluation."""
+
+    teacher_output: torch.Tensor
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    groups: int
+    name: str = "teacher_distance"
+
+    @classmethod
+    def prepare(cls, teacher: Pipeline, *, latent: int, prompts: int = 4, timesteps: tuple[int, ...] = (999, 750, 500, 250, 50),
+                seed: int = 0) -> "TeacherDistance":
+        gen = torch.Generator().manual_seed(seed)
+        context = text_context(teacher, VALIDATION_PROMPTS[:prompts] if prompts <= len(VALIDATION_PROMPTS)
+                               else (VALIDATION_PROMPTS * (prompts // len(VALIDATION_PROMPTS) + 1))[:prompts], gen)
+        channels = teacher.unet.config.in_channels
+        n = len(timesteps)
+        sample = torch.randn(n * prompts, channels, latent, latent, generator=gen)
+        steps = torch.tensor([float(t) for t in timesteps]).repeat_interleave(prompts)
+        inputs = (sample, steps, context.repeat(n, 1, 1))
+        return cls(teacher_output=_unet(teacher, inputs), inputs=inputs, groups=n)
+
+    def score(self, pipe: Pipeline) -> float:
+        """Relative distance per timestep, averaged over timesteps."""
+        out = _unet(pipe, self.inputs).chunk(self.groups)
+        ref = self.teacher_output.chunk(self.groups)
+        dists = [((o - r).norm() / r.norm().clamp_min(1e-12)).item() for o, r in zip(out, ref)]
+        return float(sum(dists) / len(dists))
+
+
+def text_context(pipe: Pipeline, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
+    """CLIP embeddings of ``prompts`` when the pipeline has a text encoder and tokenizer, else seeded noise."""
+    dim = pipe.unet.config.cross_attention_dim
+    if pipe.text_encoder is None or pipe.tokenizer is None:
+        return torch.randn(len(prompts), 77, dim, generator=gen)
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0].float()
+
+
+def _unet(pipe: Pipeline, x) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.unet(x[0], x[1], x[2], return_dict=False)[0].float()
