@@ -70,7 +70,8 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, p
         with stage("capture baseline"):
             before = {c: block_graph(pipe, c, shapes) for c in components}
 
-        ctx = PassContext(shapes=shapes, seed=recipe.seed, work_dir=tmp, targets=resolved.targets)
+        # The manager hands passes copies of what they touch, so the loaded pipeline stays the teacher.
+        ctx = PassContext(shapes=shapes, seed=recipe.seed, work_dir=tmp, targets=resolved.targets, teacher=pipe)
         manager = PassManager(resolved.passes, ctx, tolerance=recipe.verify.tolerance, verify=recipe.verify.enabled,
                               on_pass=lambda i, p: say(f"pass {i + 1}/{len(resolved.passes)}: {p.name}"), graphs=before)
         with stage("passes"):

@@ -53,6 +53,8 @@ class PassContext:
     seed: int = 0
     work_dir: Path | None = None
     targets: list[Any] = field(default_factory=list)
+    #: the pipeline as loaded, before any pass: what distillation passes learn from (never mutated)
+    teacher: Any = None
     history: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
 
