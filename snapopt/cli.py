@@ -180,6 +180,12 @@ def _register_optional_commands() -> None:
         app.command("latency")(latency_command)
         app.add_typer(target_app, name="target", help="Work with targets: calibrate a cost model from measured latencies.")
     try:
+        from snapopt.train.cli import train as train_command
+    except ImportError:
+        pass
+    else:
+        app.command("train", help="Run a training job (recovery, decoder or step distillation) from a spec; resumable, torchrun-ready.")(train_command)
+    try:
         from snapopt.zoo.cli import eval_command
     except ImportError:
         pass

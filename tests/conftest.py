@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 warnings.filterwarnings("ignore")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny models gain nothing from threads; oversubscribed threads cost seconds
 
 BK_BASE = [f"down_blocks.{i}.{k}.1" for i in range(3) for k in ("resnets", "attentions")] + [
     "down_blocks.3.resnets.1", "up_blocks.0.resnets.1"] + [f"up_blocks.{i}.{k}.1" for i in (1, 2, 3) for k in ("resnets", "attentions")]

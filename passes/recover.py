@@ -1,0 +1,92 @@
+"""Training passes: distillation recovery of the UNet (BK-SDM; SnapFusion robust training; SnapGen
+timestep-aware scaling), decoder data distillation, and CFG-aware step distillation (SnapFusion).
+
+They learn from ``ctx.teacher``, the pipeline as loaded before any pass, and can follow any pass. Each
+writes its loss CSV, loss plot and checkpoints under ``<run>/<pass>-<index>/`` and adds a report section
+with the before/after metrics. The training itself lives in :mod:`snapopt.train`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from snapopt.core import Pass, PassContext, PassResult
+from snapopt.errors import UsageError
+from snapopt.train.jobs import DecoderJob, RecoverJob, StepDistillJob, run_decoder, run_recover, run_step_distill
+
+
+class _TrainingPass(Pass):
+    structural = False
+
+    def _out_dir(self, ctx: PassContext) -> Path | None:
+        if ctx.work_dir is None:
+            return None
+        return Path(ctx.work_dir) / f"{self.name}-{len(ctx.history)}"
+
+    def _teacher(self, ctx: PassContext):
+        if ctx.teacher is None:
+            raise UsageError(f"{self.name}: no teacher; set PassContext.teacher to the pipeline as loaded (snapopt apply does)")
+        return ctx.teacher
+
+    def _report(self, ctx: PassContext, out: Path | None, title: str, rows: list[tuple[str, object]], stats: dict) -> None:
+        lines = ["| metric | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
+        if out is not None and (out / "losses.png").is_file():
+            rel = out.relative_to(ctx.work_dir) if ctx.work_dir else out
+            lines = [f"![{self.name} losses]({rel.as_posix()}/losses.png)", ""] + lines
+        ctx.report.setdefault("sections", []).append({"title": title, "lines": lines})
+        ctx.report.setdefault("training", []).append({"pass": self.name, "stats": stats})
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class Recover(_TrainingPass):
+    """Distillation recovery of the UNet from the teacher: task + output KD + stage-feature KD, optional robust block skipping."""
+
+    name = "recover"
+    Options = RecoverJob
+
+    def run(self, program, ctx: PassContext) -> PassResult:
+        teacher = self._teacher(ctx)
+        out = self._out_dir(ctx)
+        stats, _ = run_recover(teacher, program, self.options, out)
+        rows = [("teacher distance before", stats["teacher_distance_before"]), ("teacher distance after", stats["teacher_distance_after"]),
+                ("steps", stats["steps"]), ("images/s", stats["images_per_second"]), ("loss first → last", f"{_fmt(stats['loss_first'])} → {_fmt(stats['loss_last'])}"),
+                ("feature stages", ", ".join(stats["feature_stages"]) or "none")]
+        self._report(ctx, out, "Recovery training (distillation from the teacher)", rows, stats)
+        return PassResult(program, modified=True, stats=stats)
+
+
+class DecoderDistill(_TrainingPass):
+    """Decoder data distillation: the (pruned) VAE decoder learns the teacher decoder's images from latents; PSNR before/after."""
+
+    name = "decoder_distill"
+    Options = DecoderJob
+
+    def run(self, program, ctx: PassContext) -> PassResult:
+        teacher = self._teacher(ctx)
+        out = self._out_dir(ctx)
+        stats, _ = run_decoder(teacher, program, self.options, out)
+        rows = [("PSNR vs teacher decoder before (dB)", stats["psnr_before_db"]), ("PSNR after (dB)", stats["psnr_after_db"]),
+                ("steps", stats["steps"]), ("images/s", stats["images_per_second"])]
+        self._report(ctx, out, "Decoder data distillation", rows, stats)
+        return PassResult(program, modified=True, stats=stats)
+
+
+class StepDistill(_TrainingPass):
+    """Step distillation N → N/2: one student DDIM step matches two teacher steps, optionally CFG-aware (SnapFusion)."""
+
+    name = "step_distill"
+    Options = StepDistillJob
+
+    def run(self, program, ctx: PassContext) -> PassResult:
+        teacher = self._teacher(ctx)
+        out = self._out_dir(ctx)
+        stats, _ = run_step_distill(teacher, program, self.options, out)
+        n, h = stats["teacher_steps"], stats["student_steps"]
+        rows = [(f"distance of {h}-step student samples to {n}-step teacher, before", stats["distance_before"]),
+                ("… after", stats["distance_after"]), (f"teacher itself at {h} steps", stats["teacher_at_half_steps"]),
+                ("steps", stats["steps"]), ("images/s", stats["images_per_second"])]
+        self._report(ctx, out, f"Step distillation {n} → {h}", rows, stats)
+        return PassResult(program, modified=True, stats=stats)

@@ -1,0 +1,3 @@
+from snapopt.train.cli import main
+
+main()

@@ -1,0 +1,115 @@
+"""Training batches without an image dataset: x_0 latents plus prompt embeddings, seeded per step.
+
+Every step draws its *global* batch from a generator seeded by (seed, step) alone, so a resumed run and
+every DDP rank draw the same samples; each rank then keeps its slice (:func:`snapopt.train.dist.shard`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from snapopt.errors import UsageError
+from snapopt.train.dist import DistInfo, shard, step_generator
+from snapopt.train.options import DataOptions
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor          # (b, C, L, L) latents (scaled like the UNet sees them)
+    cond: torch.Tensor        # (b, 77, D) prompt embeddings (empty-prompt embedding where dropped)
+    uncond: torch.Tensor      # (b, 77, D) empty-prompt embeddings, for classifier-free guidance
+    noise: torch.Tensor       # (b, C, L, L)
+    t: torch.Tensor           # (b,) integer timesteps in [0, num_train)
+    gen: torch.Generator      # the step's generator, for objectives that draw more (guidance scale, skips)
+
+
+@torch.no_grad()
+def embed(pipe, prompts: list[str], device: torch.device, seed: int = 0) -> torch.Tensor:
+    """CLIP last hidden states of ``prompts`` (seeded noise when the pipeline has no text encoder)."""
+    dim = pipe.unet.config.cross_attention_dim
+    if pipe.text_encoder is None or pipe.tokenizer is None:
+        return torch.randn(len(prompts), 77, dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    enc = pipe.text_encoder
+    dev = next(enc.parameters()).device
+    out = [enc(ids[i:i + 64].to(dev))[0].float() for i in range(0, len(ids), 64)]
+    return torch.cat(out).to(device)
+
+
+class LatentSource:
+    """x_0 latents and prompt embeddings for a teacher pipeline; see :class:`DataOptions` for the sources."""
+
+    def __init__(self, teacher, o: DataOptions, *, seed: int, device: torch.device, num_train: int = 1000, latent: int | None = None):
+        self.o, self.seed, self.device, self.num_train = o, seed, device, num_train
+        unet = teacher.unet
+        self.shape = (unet.config.in_channels, latent or teacher.latent_size, latent or teacher.latent_size)
+        prompts = list(o.prompts)
+        self.pool_x0: torch.Tensor | None = None
+        if o.source == "zoo":
+            prompts, self.pool_x0 = _zoo_pool(teacher, o.pool, seed, device)
+            self.shape = tuple(self.pool_x0.shape[1:])
+        if not prompts:
+            from snapopt.quality import VALIDATION_PROMPTS
+
+            prompts = list(VALIDATION_PROMPTS)
+        self.prompts = prompts
+        self.cond_bank = embed(teacher, prompts, device, seed)
+        self.uncond = embed(teacher, [""], device, seed + 1)[0]
+        if o.source == "teacher":
+            from snapopt.train.sampling import sample_latents
+
+            n = o.pool
+            idx = torch.arange(n) % len(prompts)
+            self.pool_x0 = sample_latents(teacher, self.cond_bank[idx], self.uncond, steps=o.teacher_steps, cfg=o.teacher_cfg,
+                                          shape=self.shape, seed=seed, device=device)
+            self.pool_prompt = idx
+        elif o.source == "zoo":
+            self.pool_prompt = torch.arange(len(prompts))
+
+    def batch(self, step: int, size: int, info: DistInfo = DistInfo()) -> Batch:
+        if size % info.world:
+            raise UsageError(f"batch {size} does not split evenly over {info.world} processes")
+        gen = step_generator(self.seed, 0 if self.o.fixed_batch else step)
+        if self.pool_x0 is not None:
+            pick = torch.randint(0, len(self.pool_x0), (size,), generator=gen)
+            prompt = self.pool_prompt[pick]
+            x0 = None
+        else:
+            prompt = torch.randint(0, len(self.prompts), (size,), generator=gen)
+            x0 = torch.randn(size, *self.shape, generator=gen)
+        noise = torch.randn(size, *self.shape, generator=gen)
+        t = torch.randint(0, self.num_train, (size,), generator=gen)
+        drop = torch.rand(size, generator=gen) < self.o.cond_dropout
+        rows = shard(torch.arange(size), info)
+        if x0 is None:
+            x0 = self.pool_x0[shard(pick, info).to(self.pool_x0.device)]
+        else:
+            x0 = x0[rows]
+        cond = self.cond_bank[prompt[rows].to(self.cond_bank.device)]
+        uncond = self.uncond.expand_as(cond)
+        keep = (~drop[rows]).to(self.device).view(-1, 1, 1)
+        cond = torch.where(keep, cond, uncond)
+        return Batch(x0=x0.to(self.device), cond=cond, uncond=uncond, noise=noise[rows].to(self.device), t=t[rows], gen=gen)
+
+
+@torch.no_grad()
+def _zoo_pool(teacher, n: int, seed: int, device: torch.device) -> tuple[list[str], torch.Tensor]:
+    """Render ``n`` snapshapes scenes (training split) and encode them with the teacher's VAE."""
+    try:
+        from snapopt.zoo import shapes
+    except ImportError as exc:  # the zoo is optional
+        raise UsageError(f"data.source 'zoo' needs snapopt.zoo: {exc}") from None
+    if teacher.vae is None:
+        raise UsageError("data.source 'zoo' needs the teacher's VAE to encode images")
+    scenes = shapes.sample_scenes(n, seed, split="train")
+    enc = teacher.component("vae_encoder")
+    dev = next(enc.parameters()).device
+    scale = teacher.vae.config.scaling_factor
+    out = []
+    for i in range(0, n, 32):
+        part = type(scenes)(**{k: v[i:i + 32] for k, v in scenes.__dict__.items()})
+        img = shapes.render(part, seed + i, device=dev)
+        out.append(enc(img).float() * scale)
+    return scenes.captions(), torch.cat(out).to(device)

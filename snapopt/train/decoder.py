@@ -1,0 +1,65 @@
+"""Decoder data distillation (SnapFusion Sec. 3.3): a pruned VAE decoder learns to reproduce the teacher
+decoder's images from latents. No images are needed: latents come from the data source (random, teacher
+samples, or encoded zoo scenes), the teacher decoder supplies the targets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from snapopt.train.data import LatentSource
+from snapopt.train.dist import DistInfo
+from snapopt.train.options import DecoderLoss, TrainOptions
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of images in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+class DecoderObjective:
+    name = "decoder_distill"
+    skips_blocks = False
+
+    def __init__(self, teacher, student_decoder: nn.Module, train: TrainOptions, loss: DecoderLoss = DecoderLoss(), *,
+                 device: torch.device, data: LatentSource | None = None):
+        self.teacher_decoder = teacher.component("vae_decoder")
+        self.student = student_decoder
+        self.train_o, self.lo = train, loss
+        self.scale = float(teacher.vae.config.scaling_factor)
+        self.data = data or LatentSource(teacher, train.data, seed=train.seed, device=device)
+        val = self.data.batch(-1, loss.val_latents)  # step -1: never drawn in training
+        self.val_z = val.x0 / self.scale
+        self.forward_model: nn.Module = student_decoder
+
+    def trainable(self) -> nn.Module:
+        return self.student
+
+    @torch.no_grad()
+    def psnr_vs_teacher(self) -> float:
+        was = self.student.training
+        self.student.eval()
+        ref = torch.cat([self.teacher_decoder(z[None]) for z in self.val_z])
+        out = torch.cat([self.student(z[None]) for z in self.val_z])
+        self.student.train(was)
+        return psnr(out, ref)
+
+    def loss(self, step: int, info: DistInfo):
+        b = self.data.batch(step, self.train_o.batch, info)
+        z = b.x0 / self.scale
+        with torch.no_grad():
+            ref = self.teacher_decoder(z).float()
+        out = self.forward_model(z).float()
+        mse = F.mse_loss(out, ref)
+        total = self.lo.mse * mse
+        parts = {"mse": mse}
+        if self.lo.multiscale > 0:
+            ms = sum(F.mse_loss(F.avg_pool2d(out, k), F.avg_pool2d(ref, k)) for k in (2, 4)) / 2
+            total = total + self.lo.multiscale * ms
+            parts["multiscale"] = ms
+        return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,168 @@
+"""The three training jobs as functions of (teacher, program, options): what the passes and the CLI call.
+
+Each job measures before and after (recover: distance of UNet outputs to the teacher's; decoder: PSNR vs
+the teacher decoder; step distillation: distance of N/2-step student samples to N-step teacher samples),
+trains, puts the EMA weights (if any) into the program, and returns stats for the report.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from snapopt.core import PassOptions
+from snapopt.errors import UsageError
+from snapopt.train import dist
+from snapopt.train.options import DecoderLoss, RecoverLoss, RobustOptions, StepDistillLoss, TrainOptions
+from snapopt.train.trainer import Trainer, TrainResult
+
+
+class RecoverJob(PassOptions):
+    component: Literal["unet"] = "unet"
+    train: TrainOptions = TrainOptions()
+    loss: RecoverLoss = RecoverLoss()
+    robust: RobustOptions = RobustOptions()
+    eval_timesteps: list[int] = Field(default_factory=lambda: [999, 750, 500, 250, 50], min_length=1)
+    zoo_eval_prompts: int = Field(0, ge=0, description="also score FID / CLIP / attributes on this many held-out zoo prompts")
+    zoo_eval_steps: int = Field(25, ge=1)
+
+
+class DecoderJob(PassOptions):
+    component: Literal["vae_decoder"] = "vae_decoder"
+    train: TrainOptions = TrainOptions()
+    loss: DecoderLoss = DecoderLoss()
+
+
+class StepDistillJob(PassOptions):
+    component: Literal["unet"] = "unet"
+    train: TrainOptions = TrainOptions()
+    loss: StepDistillLoss = StepDistillLoss()
+    teacher: Literal["original", "self"] = Field("original", description="original: the loaded model; self: a frozen copy of the UNet as it enters the pass")
+    eval_prompts: int = Field(4, ge=1, description="prompts for the sample-distance evaluation")
+    eval_cfg: float = Field(7.5, ge=1)
+    zoo_eval_prompts: int = Field(0, ge=0)
+
+
+@contextmanager
+def on_device(pipes, device: torch.device):
+    """Move the pipelines' modules to ``device`` for training and back to where each was afterwards."""
+    moved = []
+    seen = set()
+    for pipe in pipes:
+        for m in pipe.present_modules().values():
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            p = next(m.parameters(), None)
+            moved.append((m, p.device if p is not None else torch.device("cpu")))
+            m.to(device)
+    try:
+        yield
+    finally:
+        for m, dev in moved:
+            m.to(dev)
+
+
+def _check_teacher(teacher, program, component: str) -> None:
+    if teacher is None:
+        raise UsageError("no teacher: distillation needs ctx.teacher (the pipeline as loaded before any pass)")
+    if program.structure_only or teacher.structure_only:
+        raise UsageError("distillation needs weights; load the model without structure_only")
+    if component == "unet" and (teacher.unet is None or program.unet is None):
+        raise UsageError("distillation of the UNet needs a UNet in both teacher and model")
+    if component == "vae_decoder" and (teacher.vae is None or program.vae is None):
+        raise UsageError("decoder distillation needs a VAE in both teacher and model")
+
+
+def _setup(train: TrainOptions):
+    info, device = dist.init(train.device)
+    torch.manual_seed(train.seed)
+    return info, device
+
+
+def run_recover(teacher, program, o: RecoverJob, out_dir: Path | None, *, resume: bool = False) -> tuple[dict[str, Any], TrainResult]:
+    from snapopt.quality import TeacherDistance
+    from snapopt.train.recover import RecoverObjective
+
+    _check_teacher(teacher, program, "unet")
+    info, device = _setup(o.train)
+    with on_device([teacher, program], device):
+        evaluator = TeacherDistance.prepare(teacher, latent=teacher.latent_size, timesteps=tuple(o.eval_timesteps), seed=o.train.seed)
+        before = evaluator.score(program)
+        obj = RecoverObjective(teacher, program.unet, o.train, o.loss, o.robust, device=device)
+        try:
+            result = Trainer(obj, o.train, out_dir, info=info, device=device, title="recover").run(resume=resume)
+        finally:
+            obj.close()
+        program.unet.eval()
+        after = evaluator.score(program)
+        stats = {"teacher_distance_before": before, "teacher_distance_after": after,
+                 "feature_stages": dict(obj.matcher.pairs) if obj.matcher else {},
+                 "feature_stages_dropped": dict(obj.matcher.dropped) if obj.matcher else {},
+                 "skip_counts": obj.skip_counts}
+        if o.zoo_eval_prompts:
+            from snapopt.train.evaluation import zoo_metrics
+
+            stats["zoo_teacher"] = zoo_metrics(teacher, o.zoo_eval_prompts, o.zoo_eval_steps, 7.5, o.train.seed)
+            stats["zoo_after"] = zoo_metrics(program, o.zoo_eval_prompts, o.zoo_eval_steps, 7.5, o.train.seed)
+    stats.update(_train_stats(result))
+    return stats, result
+
+
+def run_decoder(teacher, program, o: DecoderJob, out_dir: Path | None, *, resume: bool = False) -> tuple[dict[str, Any], TrainResult]:
+    from snapopt.train.decoder import DecoderObjective
+
+    _check_teacher(teacher, program, "vae_decoder")
+    info, device = _setup(o.train)
+    with on_device([teacher, program], device):
+        student = program.component("vae_decoder")
+        obj = DecoderObjective(teacher, student, o.train, o.loss, device=device)
+        before = obj.psnr_vs_teacher()
+        result = Trainer(obj, o.train, out_dir, info=info, device=device, title="decoder_distill").run(resume=resume)
+        student.eval()
+        after = obj.psnr_vs_teacher()
+    stats = {"psnr_before_db": round(before, 3), "psnr_after_db": round(after, 3)}
+    stats.update(_train_stats(result))
+    return stats, result
+
+
+def run_step_distill(teacher, program, o: StepDistillJob, out_dir: Path | None, *, resume: bool = False) -> tuple[dict[str, Any], TrainResult]:
+    from snapopt.train.evaluation import sample_distance
+    from snapopt.train.step_distill import StepDistillObjective
+
+    _check_teacher(teacher, program, "unet")
+    info, device = _setup(o.train)
+    frozen = copy.deepcopy(program.unet).eval() if o.teacher == "self" else None
+    ref = copy.copy(teacher)
+    if frozen is not None:
+        ref.unet = frozen
+    with on_device([ref, program], device):
+        n, half = o.loss.teacher_steps, o.loss.teacher_steps // 2
+        kw = dict(prompts=o.eval_prompts, cfg=o.eval_cfg, seed=o.train.seed, device=device)
+        before = {"student_half_steps": sample_distance(ref, program, half, n, **kw), "teacher_half_steps": sample_distance(ref, ref, half, n, **kw)}
+        obj = StepDistillObjective(ref, program.unet, o.train, o.loss, device=device)
+        result = Trainer(obj, o.train, out_dir, info=info, device=device, title="step_distill").run(resume=resume)
+        program.unet.eval()
+        after = sample_distance(ref, program, half, n, **kw)
+        stats = {"teacher_steps": n, "student_steps": half, "distance_before": before["student_half_steps"],
+                 "distance_after": after, "teacher_at_half_steps": before["teacher_half_steps"]}
+        if o.zoo_eval_prompts:
+            from snapopt.train.evaluation import zoo_metrics
+
+            stats["zoo_teacher_n"] = zoo_metrics(ref, o.zoo_eval_prompts, n, o.eval_cfg, o.train.seed)
+            stats["zoo_teacher_half"] = zoo_metrics(ref, o.zoo_eval_prompts, half, o.eval_cfg, o.train.seed)
+            stats["zoo_student_half"] = zoo_metrics(program, o.zoo_eval_prompts, half, o.eval_cfg, o.train.seed)
+    stats.update(_train_stats(result))
+    return stats, result
+
+
+def _train_stats(result: TrainResult) -> dict[str, Any]:
+    first, last = (result.history[0] if result.history else {}), result.final
+    return {"steps": result.steps, "seconds": round(result.seconds, 2),
+            "images_per_second": round(result.images_per_second, 2) if result.images_per_second else None,
+            "loss_first": first.get("loss"), "loss_last": last.get("loss"), "resumed_from": result.resumed_from}

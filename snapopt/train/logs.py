@@ -1,0 +1,51 @@
+"""Loss logs: a CSV (one row per logged step, rewritten up to the resume point on resume) and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def read_csv(path: Path, before_step: int | None = None) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: (int(v) if k == "step" else float(v)) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    return [r for r in rows if before_step is None or r["step"] < before_step]
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(path: Path, rows: list[dict], title: str) -> Path | None:
+    """Every loss column against the step, log-scaled; None when there is nothing to plot."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in rows[0] if k not in ("step", "lr", "seconds", "skipped")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    for k in keys:
+        vals = [r.get(k, float("nan")) for r in rows]
+        ax.plot(steps, vals, label=k, lw=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,118 @@
+"""Typed options of every training job (pydantic; unknown keys are errors, like pass options).
+
+One ``TrainOptions`` drives the loop (optimizer, schedule, precision, checkpoints); each objective adds its
+own loss options. Everything a run depends on is here, so a resumed run can check it was given the same.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Opts(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimOptions(_Opts):
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm (0: off)")
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to this fraction of lr")
+
+
+class DataOptions(_Opts):
+    """Where x_0 latents and prompts come from. No image dataset is needed:
+
+    * ``random``: x_0 ~ N(0, 1) latents with embeddings of the prompts (what a UNet sees at high t anyway)
+    * ``teacher``: a pool of x_0 sampled by the teacher (DDIM, CFG) from the prompts
+    * ``zoo``: the zoo's procedural snapshapes scenes, rendered and encoded with the teacher's VAE
+    """
+
+    source: Literal["random", "teacher", "zoo"] = "random"
+    prompts: list[str] = Field(default_factory=list, description="prompts (default: snapopt.quality.VALIDATION_PROMPTS or zoo captions)")
+    pool: int = Field(64, ge=1, description="latents precomputed for the teacher/zoo sources")
+    teacher_steps: int = Field(20, ge=1, description="DDIM steps the teacher samples the pool with")
+    teacher_cfg: float = Field(7.5, ge=1)
+    cond_dropout: float = Field(0.0, ge=0, le=1, description="replace the prompt by the empty prompt (keeps CFG working)")
+    fixed_batch: bool = Field(False, description="the same batch every step (debugging, overfit tests)")
+
+
+class TrainOptions(_Opts):
+    steps: int = Field(100, ge=1)
+    batch: int = Field(4, ge=1, description="global batch (split over ranks)")
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, off on CPU")
+    gradient_checkpointing: bool = False
+    ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of the student's weights (0: off)")
+    use_ema: bool = Field(True, description="hand the EMA weights back at the end, when ema > 0")
+    optim: OptimOptions = OptimOptions()
+    data: DataOptions = DataOptions()
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    shard_mb: float = Field(15.0, gt=0, description="largest safetensors piece, MB")
+    log_every: int = Field(1, ge=1)
+    progress: bool = True
+    find_unused_parameters: bool | None = Field(None, description="DDP; default: on when blocks are skipped at random")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.optim.warmup_steps > self.steps:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds steps ({self.steps})")
+        return self
+
+
+class RobustOptions(_Opts):
+    """SnapFusion's robust training: skip cross-attention / ResNet blocks at random, per step."""
+
+    attention: float = Field(0.0, ge=0, le=1, description="probability of skipping each attention block")
+    resnet: float = Field(0.0, ge=0, le=1, description="probability of skipping each channel-preserving ResNet")
+    blocks: list[str] = Field(default_factory=list, description="restrict to these blocks (default: every skippable one)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.attention > 0 or self.resnet > 0
+
+
+class RecoverLoss(_Opts):
+    """BK-SDM's loss: task + output KD + feature KD (all weights 1 in the paper)."""
+
+    task: float = Field(1.0, ge=0, description="weight of the denoising loss (noise or v, per the scheduler)")
+    output_kd: float = Field(1.0, ge=0, description="weight of student-vs-teacher UNet output MSE")
+    feature_kd: float = Field(1.0, ge=0, description="weight of the stage-output feature MSE (summed over stages)")
+    stages: list[str] = Field(default_factory=list, description="stages to match (default: every down/mid/up stage both have)")
+    timestep_scaling: bool = Field(False, description="SnapGen: rescale KD terms per sample to the task loss's magnitude at that t")
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.task + self.output_kd + self.feature_kd == 0:
+            raise ValueError("all loss weights are 0")
+        return self
+
+
+class StepDistillLoss(_Opts):
+    teacher_steps: int = Field(16, ge=2, description="the teacher's step count N; the student learns N/2")
+    cfg_probability: float = Field(0.0, ge=0, le=1, description="CFG-aware distillation with this probability per step")
+    cfg_range: tuple[float, float] = Field((2.0, 14.0), description="guidance scale drawn uniformly from this range")
+    original_weight: float = Field(0.0, ge=0, description="weight of the plain denoising loss mixed in")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.teacher_steps % 2:
+            raise ValueError(f"teacher_steps must be even, got {self.teacher_steps}")
+        lo, hi = self.cfg_range
+        if not 1 <= lo <= hi:
+            raise ValueError(f"cfg_range must satisfy 1 <= low <= high, got {list(self.cfg_range)}")
+        return self
+
+
+class DecoderLoss(_Opts):
+    mse: float = Field(1.0, ge=0)
+    multiscale: float = Field(0.0, ge=0, description="MSE of 2x and 4x average-pooled images (a cheap perceptual-ish term)")
+    val_latents: int = Field(8, ge=1, description="held-out latents for PSNR before/after")

@@ -1,0 +1,85 @@
+"""Distillation recovery of a UNet from its teacher (BK-SDM; SnapGen's timestep-aware scaling).
+
+loss = task * |s(x_t) - target|^2 + output_kd * |s(x_t) - T(x_t)|^2 + feature_kd * sum_stages |s_k - T_k|^2
+
+``target`` is the noise or v (the scheduler's prediction_type). With ``timestep_scaling`` each KD term is
+rescaled per sample to the task loss's magnitude at that sample's timestep (a stop-gradient ratio): the
+task and KD losses differ by orders of magnitude across t, and without it one of them dominates at each
+end of the schedule (SnapGen, Sec. 4.1; this is our reading of it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from snapopt.train.data import LatentSource
+from snapopt.train.diffusion import Schedule
+from snapopt.train.features import FeatureMatcher
+from snapopt.train.options import RecoverLoss, RobustOptions, TrainOptions
+from snapopt.train.robust import RandomSkipper
+from snapopt.train.dist import DistInfo, step_generator
+
+
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+class RecoverObjective:
+    name = "recover"
+
+    def __init__(self, teacher, student_unet: nn.Module, train: TrainOptions, loss: RecoverLoss = RecoverLoss(),
+                 robust: RobustOptions = RobustOptions(), *, device: torch.device, data: LatentSource | None = None):
+        self.teacher, self.student = teacher, student_unet
+        self.train_o, self.lo = train, loss
+        self.sched = Schedule(teacher.scheduler, teacher.prediction_type)
+        self.data = data or LatentSource(teacher, train.data, seed=train.seed, device=device, num_train=self.sched.num_train)
+        self.matcher = FeatureMatcher(teacher.unet, student_unet, loss.stages or None) if loss.feature_kd > 0 else None
+        self.skipper = RandomSkipper(student_unet, robust) if robust.enabled else None
+        self.skips_blocks = self.skipper is not None
+        self.forward_model: nn.Module = student_unet
+        self.skip_counts: dict[str, int] = {}
+
+    def trainable(self) -> nn.Module:
+        return self.student
+
+    def loss(self, step: int, info: DistInfo):
+        b = self.data.batch(step, self.train_o.batch, info)
+        x_t = self.sched.add_noise(b.x0, b.noise, b.t)
+        t = b.t.to(x_t.device)
+        want_teacher = self.lo.output_kd > 0 or self.lo.feature_kd > 0
+        t_out = None
+        if want_teacher:
+            with torch.no_grad():
+                t_out = self.teacher.unet(x_t, t, b.cond, return_dict=False)[0]
+        skipped = self.skipper.choose(step_generator(self.train_o.seed, step, stream=1)) if self.skipper else []
+        for name in skipped:
+            self.skip_counts[name] = self.skip_counts.get(name, 0) + 1
+        ctx = self.skipper.context(skipped) if self.skipper else torch.enable_grad()
+        with ctx:
+            s_out = self.forward_model(x_t, t, b.cond, return_dict=False)[0]
+        task = per_sample_mse(s_out, self.sched.target(b.x0, b.noise, b.t))
+        parts = {"task": task.mean()}
+        total = self.lo.task * task
+        if self.lo.output_kd > 0:
+            out_kd = per_sample_mse(s_out, t_out)
+            parts["output_kd"] = out_kd.mean()
+            total = total + self.lo.output_kd * self._scaled(out_kd, task)
+        if self.matcher is not None:
+            feat = self.matcher.per_sample_loss()
+            if feat is not None:
+                parts["feature_kd"] = feat.mean()
+                total = total + self.lo.feature_kd * self._scaled(feat, task)
+        logged = {k: float(v.detach()) for k, v in parts.items()}
+        if self.skipper is not None:
+            logged["skipped"] = float(len(skipped))
+        return total.mean(), logged
+
+    def _scaled(self, kd: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        if not self.lo.timestep_scaling:
+            return kd
+        return kd * (task.detach() / kd.detach().clamp_min(1e-12))
+
+    def close(self) -> None:
+        if self.matcher is not None:
+            self.matcher.close()

@@ -1,0 +1,94 @@
+"""Step distillation N -> N/2 (SnapFusion Sec. 4): one student DDIM step matches two teacher DDIM steps.
+
+The student samples on diffusers' DDIM grid for N/2 steps (stride r = 1000 // (N/2)); from a grid point t
+the teacher takes two DDIM steps t -> t - r//2 -> t - r. The student's target is the output whose single
+DDIM step t -> t - r lands exactly where the teacher's two steps did (Salimans & Ho's progressive
+distillation target, expressed in the student's prediction type).
+
+CFG-aware (SnapFusion Sec. 4.2): with probability ``cfg_probability`` per step, guidance with a scale
+w ~ U(cfg_range) is applied to the teacher's *and* the student's outputs before the loss, so the student
+learns the guided trajectory it will be sampled with; otherwise the plain (conditional) trajectory.
+``original_weight`` mixes in the ordinary denoising loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from snapopt.train.data import LatentSource
+from snapopt.train.diffusion import Schedule, guided
+from snapopt.train.dist import DistInfo, shard, step_generator
+from snapopt.train.options import StepDistillLoss, TrainOptions
+from snapopt.train.recover import per_sample_mse
+from snapopt.train.sampling import ddim_timesteps
+
+
+class StepDistillObjective:
+    name = "step_distill"
+    skips_blocks = False
+
+    def __init__(self, teacher, student_unet: nn.Module, train: TrainOptions, loss: StepDistillLoss = StepDistillLoss(), *,
+                 device: torch.device, teacher_unet: nn.Module | None = None, data: LatentSource | None = None):
+        self.teacher, self.student = teacher, student_unet
+        self.teacher_unet = teacher_unet or teacher.unet
+        self.train_o, self.lo = train, loss
+        self.sched = Schedule(teacher.scheduler, teacher.prediction_type)
+        self.data = data or LatentSource(teacher, train.data, seed=train.seed, device=device, num_train=self.sched.num_train)
+        self.student_steps = loss.teacher_steps // 2
+        self.stride = self.sched.num_train // self.student_steps
+        offset = int(teacher.scheduler.config.get("steps_offset", 1))
+        self.grid = torch.tensor(ddim_timesteps(self.student_steps, self.sched.num_train, offset))
+        self.forward_model: nn.Module = student_unet
+
+    def trainable(self) -> nn.Module:
+        return self.student
+
+    # -- the math, separately testable ------------------------------------------------------------------
+    @torch.no_grad()
+    def teacher_two_steps(self, x_t, t, cond, uncond, scale=None):
+        """x at t - r after the teacher's two DDIM steps (guided when ``scale`` is given)."""
+        t_mid, t_end = t - self.stride // 2, t - self.stride
+        x_mid = self.sched.ddim_step(self._teacher_pred(x_t, t, cond, uncond, scale), x_t, t, t_mid)
+        return self.sched.ddim_step(self._teacher_pred(x_mid, t_mid, cond, uncond, scale), x_mid, t_mid, t_end)
+
+    def student_target(self, x_t, t, x_end):
+        """The student output whose one DDIM step t -> t - r reaches ``x_end``."""
+        x0 = self.sched.x0_for_one_step(x_t.double(), x_end.double(), t, t - self.stride)
+        return self.sched.from_x0(x0, x_t.double(), t).to(x_t.dtype)
+
+    def _teacher_pred(self, x, t, cond, uncond, scale):
+        tt = t.to(x.device)
+        if scale is None:
+            return self.teacher_unet(x, tt, cond, return_dict=False)[0].float()
+        out = self.teacher_unet(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond]), return_dict=False)[0].float()
+        u, c = out.chunk(2)
+        return guided(u, c, scale)
+
+    # -- the loss -------------------------------------------------------------------------------------
+    def loss(self, step: int, info: DistInfo):
+        b = self.data.batch(step, self.train_o.batch, info)
+        gen = step_generator(self.train_o.seed, step, stream=2)
+        n = self.train_o.batch
+        t = shard(self.grid[torch.randint(0, len(self.grid), (n,), generator=gen)], info)
+        use_cfg = bool(torch.rand((), generator=gen) < self.lo.cfg_probability)
+        lo, hi = self.lo.cfg_range
+        scale = shard(lo + (hi - lo) * torch.rand(n, generator=gen), info).to(b.x0.device) if use_cfg else None
+        x_t = self.sched.add_noise(b.x0, b.noise, t)
+        x_end = self.teacher_two_steps(x_t, t, b.cond, b.uncond, scale)
+        target = self.student_target(x_t.float(), t, x_end.float())
+        tt = t.to(x_t.device)
+        if use_cfg:
+            out = self.forward_model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([b.uncond, b.cond]), return_dict=False)[0]
+            u, c = out.float().chunk(2)
+            pred, cond_pred = guided(u, c, scale), c
+        else:
+            pred = cond_pred = self.forward_model(x_t, tt, b.cond, return_dict=False)[0].float()
+        distill = per_sample_mse(pred, target)
+        total = distill
+        parts = {"distill": distill.mean(), "cfg": torch.tensor(float(use_cfg))}
+        if self.lo.original_weight > 0:
+            orig = per_sample_mse(cond_pred, self.sched.target(b.x0, b.noise, t))
+            total = total + self.lo.original_weight * orig
+            parts["original"] = orig.mean()
+        return total.mean(), {k: float(v.detach()) for k, v in parts.items()}

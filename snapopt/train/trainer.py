@@ -1,0 +1,182 @@
+"""The training loop every job shares: AdamW, LR schedule, EMA, autocast, gradient checkpointing, DDP,
+checkpoints with exact resume, CSV/PNG loss logs and a progress bar.
+
+What is learned is up to an :class:`Objective`: it names the module to train and returns the loss of a
+step. The loop never draws random numbers itself; objectives draw from the step's seeded generator, so
+``N`` straight steps and ``N/2`` + resume + ``N/2`` give bit-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from snapopt.errors import UsageError
+from snapopt.train import checkpoint as ckpt
+from snapopt.train import dist, logs
+from snapopt.train.ema import EMA
+from snapopt.train.options import TrainOptions
+from snapopt.train.schedule import lr_at
+
+
+class Objective(Protocol):
+    name: str
+    #: set by the trainer: the module to call in forward passes (the DDP wrapper under torchrun)
+    forward_model: nn.Module
+    #: an objective that skips blocks at random needs DDP's find_unused_parameters
+    skips_blocks: bool
+
+    def trainable(self) -> nn.Module: ...
+
+    def loss(self, step: int, info: dist.DistInfo) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    steps: int
+    seconds: float
+    images_per_second: float | None
+    resumed_from: int | None = None
+    plot: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def autocast_for(device: torch.device, mode: str):
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "no"
+    if mode == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Trainer:
+    def __init__(self, objective: Objective, options: TrainOptions, out_dir: Path | None, *,
+                 info: dist.DistInfo | None = None, device: torch.device | None = None, title: str | None = None):
+        self.obj, self.o = objective, options
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.info = info or dist.DistInfo()
+        self.device = device or torch.device("cpu")
+        self.title = title or objective.name
+        if options.batch % self.info.world:
+            raise UsageError(f"batch {options.batch} does not split evenly over {self.info.world} processes")
+
+    # ------------------------------------------------------------------------------------------------
+    def run(self, *, resume: bool = False, until: int | None = None) -> TrainResult:
+        """Train to ``options.steps``. ``until`` stops early *without* a final checkpoint (a simulated kill)."""
+        o, info = self.o, self.info
+        module = self.obj.trainable()
+        module.train()
+        if o.gradient_checkpointing:
+            if not hasattr(module, "enable_gradient_checkpointing"):
+                raise UsageError(f"{self.obj.name}: gradient_checkpointing is not supported by {type(module).__name__}")
+            module.enable_gradient_checkpointing()
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise UsageError(f"{self.obj.name}: nothing to train (no parameter requires grad)")
+        opt = torch.optim.AdamW(params, lr=o.optim.lr, betas=o.optim.betas, eps=o.optim.eps, weight_decay=o.optim.weight_decay)
+        ema = EMA(module, o.ema) if o.ema > 0 else None
+
+        start, resumed_from, history = 0, None, []
+        ck_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
+        if resume:
+            found = ckpt.latest(ck_root) if ck_root is not None else None
+            if found is not None:
+                state = ckpt.read(found)
+                self._check_same_job(state["meta"])
+                module.load_state_dict(state["model"], strict=True)
+                opt.load_state_dict(state["optimizer"])
+                if ema is not None and state["ema"] is not None:
+                    ema.load_state_dict(state["ema"])
+                start = resumed_from = state["meta"]["step"]
+                history = logs.read_csv(self.out_dir / "losses.csv", before_step=start)
+
+        forward = module
+        if info.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            unused = o.find_unused_parameters if o.find_unused_parameters is not None else getattr(self.obj, "skips_blocks", False)
+            forward = DDP(module, device_ids=[self.device] if self.device.type == "cuda" else None, find_unused_parameters=unused)
+        self.obj.forward_model = forward
+
+        bar = None
+        if o.progress and info.main and start < o.steps:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=o.steps, initial=start, desc=self.title, dynamic_ncols=True, leave=False)
+        timed_steps, timed = 0, 0.0
+        t_run = time.perf_counter()
+        stop = o.steps if until is None else min(until, o.steps)
+        for step in range(start, stop):
+            t0 = time.perf_counter()
+            lr = lr_at(step, o.steps, o.optim)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with autocast_for(self.device, o.mixed_precision):
+                loss, parts = self.obj.loss(step, info)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{self.obj.name}: loss is {loss.item()} at step {step}")
+            loss.backward()
+            if o.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, o.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(module)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            if step > start:  # the first step of a run pays for warm-up
+                timed_steps, timed = timed_steps + 1, timed + dt
+            if step % o.log_every == 0 or step == o.steps - 1:
+                row = {"step": step, "lr": lr, "loss": float(loss.detach())}
+                row.update(parts)
+                row = dist.mean_across(row, info, self.device) | {"step": step, "lr": lr, "seconds": round(dt, 4)}
+                history.append(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4g}")
+            if bar is not None:
+                bar.update(1)
+            done = step + 1
+            if ck_root is not None and ((o.checkpoint_every and done % o.checkpoint_every == 0 and done < o.steps) or done == o.steps):
+                self._save(ck_root, done, module, opt, ema, history)
+        if bar is not None:
+            bar.close()
+
+        plot = None
+        if self.out_dir is not None and info.main:
+            logs.write_csv(self.out_dir / "losses.csv", history)
+            plot = logs.plot(self.out_dir / "losses.png", history, self.title)
+        if ema is not None and o.use_ema and stop == o.steps:
+            ema.copy_to(module)
+        ips = (timed_steps * o.batch / timed) if timed > 0 else None
+        return TrainResult(history=history, steps=stop - start, seconds=time.perf_counter() - t_run, images_per_second=ips,
+                           resumed_from=resumed_from, plot=plot)
+
+    # ------------------------------------------------------------------------------------------------
+    def _job_id(self) -> dict[str, Any]:
+        return {"objective": self.obj.name, "options": self.o.model_dump(mode="json", exclude={"progress", "steps", "checkpoint_every"})}
+
+    def _check_same_job(self, meta: dict[str, Any]) -> None:
+        mine = json.loads(json.dumps(self._job_id()))
+        if meta.get("job") != mine:
+            raise UsageError(f"{self.obj.name}: checkpoint in '{self.out_dir}' was written by a different job or options; "
+                             "use a new output folder or the same spec")
+
+    def _save(self, root: Path, done: int, module, opt, ema, history) -> None:
+        if self.info.main:
+            ckpt.write(root, done, model=module.state_dict(), optimizer=opt.state_dict(), ema=ema.state_dict() if ema else None,
+                       meta={"job": self._job_id()}, shard_mb=self.o.shard_mb, keep=self.o.keep_checkpoints)
+            logs.write_csv(self.out_dir / "losses.csv", history)
+        dist.barrier(self.info)

@@ -1,0 +1,220 @@
+"""Recovery trainer: losses, feature map, robust skipping, step/decoder distillation math, resume, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import BK_SMALL, BK_TINY
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # autograd's backward with 2 intra-op threads is ~100x slower on a loaded 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+CPU = torch.device("cpu")
+
+
+def _train(**kw):
+    from snapopt.train import TrainOptions
+
+    base = dict(steps=4, batch=2, progress=False, optim=dict(lr=1e-3))
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def _bk_student(pipe, blocks=BK_SMALL, log=False):
+    from snapopt.passes.remove_blocks import RemoveBlocks
+    from snapopt.serialization import record_edit
+
+    student = pipe.clone(["unet"])
+    opts = {"component": "unet", "blocks": blocks}
+    RemoveBlocks(opts).run(student, None)
+    if log:
+        record_edit(student.unet, "remove_blocks", opts)
+    return student
+
+
+def test_recover_loss_decreases_on_fixed_batch(tiny_pipe):
+    from snapopt.train import RecoverLoss, Trainer
+    from snapopt.train.recover import RecoverObjective
+
+    student = _bk_student(tiny_pipe)
+    o = _train(steps=6, data=dict(fixed_batch=True))
+    obj = RecoverObjective(tiny_pipe, student.unet, o, RecoverLoss(), device=CPU)
+    hist = Trainer(obj, o, None).run().history
+    obj.close()
+    assert {"task", "output_kd", "feature_kd"} <= set(hist[0])
+    assert hist[-1]["loss"] < 0.8 * hist[0]["loss"]
+
+
+def test_feature_map_survives_block_removal(tiny_pipe):
+    from snapopt.train.features import FeatureMatcher, stage_map
+
+    small = _bk_student(tiny_pipe)
+    pairs = stage_map(tiny_pipe.unet, small.unet)
+    assert pairs == {f"{k}_blocks.{i}": f"{k}_blocks.{i}" for k in ("down", "up") for i in range(4)}  # no mid block in BK-SDM-Small
+    tiny = _bk_student(tiny_pipe, BK_TINY, log=True)  # stage 3 gone: up_blocks re-indexed
+    pairs = stage_map(tiny_pipe.unet, tiny.unet)
+    assert pairs == {"down_blocks.0": "down_blocks.0", "down_blocks.1": "down_blocks.1", "down_blocks.2": "down_blocks.2",
+                     "up_blocks.0": "up_blocks.1", "up_blocks.1": "up_blocks.2", "up_blocks.2": "up_blocks.3"}
+    m = FeatureMatcher(tiny_pipe.unet, tiny.unet)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        tiny_pipe.unet(x, t, c)
+        tiny.unet(x, t, c)
+    loss = m.per_sample_loss()
+    m.close()
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    # BK-SDM-Tiny also drops down_blocks.2's downsampler: that stage's output no longer matches, and says so
+    assert list(m.dropped) == ["down_blocks.2"] and "vs teacher" in m.dropped["down_blocks.2"]
+
+
+def test_robust_training_skips_blocks(tiny_pipe):
+    from snapopt.models.skipping import skippable_blocks
+    from snapopt.train import RecoverLoss, RobustOptions
+    from snapopt.train.dist import DistInfo
+    from snapopt.train.recover import RecoverObjective
+
+    student = tiny_pipe.clone(["unet"])
+    attn = [n for n, k in skippable_blocks(student.unet).items() if k == "attention"]
+    calls = {n: 0 for n in attn}
+    for n in attn:
+        student.unet.get_submodule(n).register_forward_hook(lambda *a, n=n: calls.__setitem__(n, calls[n] + 1))
+    o = _train()
+    for p, expect_called in ((1.0, 0), (0.0, len(attn))):
+        obj = RecoverObjective(tiny_pipe, student.unet, o, RecoverLoss(output_kd=0, feature_kd=0), RobustOptions(attention=p) if p else RobustOptions(),
+                               device=CPU)
+        for n in calls:
+            calls[n] = 0
+        obj.loss(0, DistInfo())
+        assert sum(1 for n in attn if calls[n]) == expect_called
+    # the model is whole again afterwards
+    assert all(type(student.unet.get_submodule(n)).__name__ == "Transformer2DModel" for n in attn)
+    # partial probability: the count logged matches a draw, and differs across steps
+    obj = RecoverObjective(tiny_pipe, student.unet, o, RecoverLoss(output_kd=0, feature_kd=0), RobustOptions(attention=0.5), device=CPU)
+    counts = [obj.loss(s, DistInfo())[1]["skipped"] for s in range(3)]
+    assert 0 < sum(counts) < 3 * len(attn)
+
+
+def test_resume_is_exact(tiny_pipe, tmp_path):
+    from snapopt.train import RecoverLoss, RobustOptions, Trainer
+    from snapopt.train.recover import RecoverObjective
+
+    o = _train(steps=4, checkpoint_every=2, ema=0.5, optim=dict(lr=1e-3, schedule="cosine", warmup_steps=1), shard_mb=0.2)
+    robust = RobustOptions(attention=0.3, resnet=0.2)
+
+    def run(folder, until=None, resume=False):
+        student = tiny_pipe.clone(["unet"])
+        obj = RecoverObjective(tiny_pipe, student.unet, o, RecoverLoss(), robust, device=CPU)
+        res = Trainer(obj, o, folder).run(resume=resume, until=until)
+        obj.close()
+        return student.unet.state_dict(), res
+
+    straight, full = run(tmp_path / "a")
+    run(tmp_path / "b", until=3)  # killed after step 3; last checkpoint at step 2
+    resumed, res = run(tmp_path / "b", resume=True)
+    assert res.resumed_from == 2 and res.steps == 2
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [r["loss"] for r in full.history] == [r["loss"] for r in res.history]
+    ck = sorted((tmp_path / "b" / "checkpoints").iterdir())[-1]
+    assert len(list(ck.glob("model-*.safetensors"))) > 1  # sharded under shard_mb
+    assert (tmp_path / "b" / "losses.csv").is_file() and (tmp_path / "b" / "losses.png").is_file()
+
+
+def test_step_distillation_target_is_two_teacher_ddim_steps(tiny_pipe):
+    from diffusers import DDIMScheduler
+
+    from snapopt.train import StepDistillLoss
+    from snapopt.train.step_distill import StepDistillObjective
+
+    obj = StepDistillObjective(tiny_pipe, tiny_pipe.unet, _train(), StepDistillLoss(teacher_steps=8), device=CPU)
+    assert obj.stride == 250
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 4, 8, 8, generator=gen)
+    cond = torch.randn(2, 77, 32, generator=gen)
+    t = torch.tensor([751, 751])
+    x_end = obj.teacher_two_steps(x_t, t, cond, cond)
+    # the same two steps with diffusers' DDIM at 8 steps (stride 125)
+    ref = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    ref.set_timesteps(8)
+    x = x_t
+    with torch.no_grad():
+        for tt in (751, 626):
+            eps = tiny_pipe.unet(x, torch.tensor([tt, tt]), cond).sample
+            x = ref.step(eps, tt, x).prev_sample
+    torch.testing.assert_close(x_end, x, rtol=1e-4, atol=1e-5)
+    # one student DDIM step (diffusers, 4 steps: stride 250) with the target output lands on the teacher's result
+    target = obj.student_target(x_t, t, x_end)
+    one = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    one.set_timesteps(4)
+    torch.testing.assert_close(one.step(target, 751, x_t).prev_sample, x_end, rtol=1e-4, atol=1e-5)
+
+
+def test_cfg_aware_guidance_math(tiny_pipe):
+    from snapopt.train import StepDistillLoss
+    from snapopt.train.diffusion import guided
+    from snapopt.train.step_distill import StepDistillObjective
+
+    u, c = torch.zeros(2, 3), torch.ones(2, 3)
+    assert torch.equal(guided(u, c, 7.5), torch.full((2, 3), 7.5))
+    assert torch.equal(guided(u, c, torch.tensor([1.0, 3.0])), torch.tensor([[1.0] * 3, [3.0] * 3]))
+    obj = StepDistillObjective(tiny_pipe, tiny_pipe.unet, _train(), StepDistillLoss(teacher_steps=8, cfg_probability=1.0), device=CPU)
+    gen = torch.Generator().manual_seed(1)
+    x, cond, unc = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    t = torch.tensor([501, 251])
+    torch.testing.assert_close(obj.teacher_two_steps(x, t, cond, unc, torch.tensor([1.0, 1.0])), obj.teacher_two_steps(x, t, cond, unc))
+    w = torch.tensor([2.0, 9.0])
+    with torch.no_grad():
+        pu, pc = tiny_pipe.unet(x, t, unc).sample, tiny_pipe.unet(x, t, cond).sample
+    torch.testing.assert_close(obj._teacher_pred(x, t, cond, unc, w), pu + w.view(2, 1, 1, 1) * (pc - pu), rtol=1e-4, atol=1e-5)
+    # with probability 1 every step is CFG-aware and the student's guided output is what is trained
+    loss, parts = obj.loss(0, __import__("snapopt.train.dist", fromlist=["DistInfo"]).DistInfo())
+    assert parts["cfg"] == 1.0 and torch.isfinite(loss)
+
+
+def test_decoder_distillation_improves_psnr(tiny_pipe):
+    from snapopt.train import DecoderJob, run_decoder
+
+    student = tiny_pipe.clone(["vae_decoder"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in student.vae.decoder.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    stats, _ = run_decoder(tiny_pipe, student, DecoderJob(train=_train(steps=8, batch=2), loss=dict(multiscale=0.5, val_latents=4)), None)
+    assert stats["psnr_after_db"] > stats["psnr_before_db"] + 1.0
+
+
+def test_bad_options_are_one_line_errors(tiny_pipe):
+    from pydantic import ValidationError
+
+    from snapopt.core import PassContext
+    from snapopt.errors import UsageError
+    from snapopt.passes.recover import Recover
+    from snapopt.train import RecoverJob, RobustOptions, StepDistillLoss
+    from snapopt.train.recover import RecoverObjective
+
+    with pytest.raises(ValidationError, match="teacher_steps must be even"):
+        StepDistillLoss(teacher_steps=7)
+    with pytest.raises(ValidationError, match="warmup_steps"):
+        RecoverJob(train=dict(steps=2, optim=dict(warmup_steps=5)))
+    with pytest.raises(ValidationError, match="extra"):
+        RecoverJob(train=dict(stpes=2))
+    with pytest.raises(UsageError) as e:
+        Recover({"train": {"steps": 1}}).run(tiny_pipe.clone(["unet"]), PassContext())
+    assert "no teacher" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="robust.blocks: 'down_blocks.9.attentions.0'"):
+        RecoverObjective(tiny_pipe, tiny_pipe.clone(["unet"]).unet, _train(), robust=RobustOptions(attention=1, blocks=["down_blocks.9.attentions.0"]),
+                         device=CPU)
+    from snapopt.train.data import LatentSource
+    from snapopt.train.dist import DistInfo
+    from snapopt.train.options import DataOptions
+
+    src = LatentSource(tiny_pipe, DataOptions(), seed=0, device=CPU)
+    with pytest.raises(UsageError, match="batch 3 does not split evenly over 2"):
+        src.batch(0, 3, DistInfo(rank=0, world=2))
