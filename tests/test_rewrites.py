@@ -84,6 +84,14 @@ def test_rewritten_unet_lowers_to_onnx_and_coreml(tiny, tiny_shapes, tmp_path):
     out, _ = _run(tiny, tiny_shapes, RemoveSelfAttention({"resolutions": [8]}),
                   GroupedQueryAttention({"resolutions": [4], "kv_heads": 2}), FuseQKV(),
                   SeparableConv({"resolutions": [8]}))
+    from snapopt.capture import block_graph
+    from snapopt.devices.latency import build_table
+    from snapopt.devices.registry import TARGETS
+
+    target = TARGETS.resolve("iphone-14-pro")
+    before = build_table(block_graph(tiny, "unet", tiny_shapes), target).total_ms
+    after = build_table(block_graph(out, "unet", tiny_shapes), target).total_ms
+    assert 0 < after < before  # the cost model prices every rewritten op, and the rewrites pay off
     onnx = export_onnx(out, "unet", tiny_shapes, tmp_path / "onnx")
     assert onnx["onnxruntime_relative_error"] < 1e-4
     cm = lower_component(out, "unet", tiny_shapes, tmp_path / "coreml")
