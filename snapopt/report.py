@@ -13,6 +13,19 @@ def _m(n: int | float) -> str:
     return f"{n / 1e6:.2f} M"
 
 
+def _brief(value: Any) -> str:
+    """A stats value for a table cell; long structures stay in report.json."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        if any(isinstance(v, (dict, list)) for v in value):
+            return f"{len(value)} entries (see report.json)"
+        return ", ".join(map(str, value)) or "–"
+    if isinstance(value, dict):
+        return f"{len(value)} entries (see report.json)" if value else "–"
+    return str(value)
+
+
 def block_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| block | kind | params | MACs | attention MACs | output |", "|---|---|---:|---:|---:|---|"]
     for r in rows:
@@ -44,7 +57,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 out.append(f"| {i} | {p['pass']} | {p['modified']} | {comp} | {_m(ch['params_before'])} → {_m(ch['params_after'])} | "
                            f"{_g(ch['macs_before'])} → {_g(ch['macs_after'])} | {removed} | {ver} | {p['seconds']:.2f} |")
             if p["stats"]:
-                stats = "; ".join(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in p["stats"].items())
+                stats = "; ".join(f"{k}: {_brief(v)}" for k, v in p["stats"].items())
                 out.append(f"|  | ↳ {stats} |||||||")
         out.append("")
     for section in report.get("extra_sections", []):
