@@ -51,9 +51,10 @@ class TeacherDistance:
                                else (VALIDATION_PROMPTS * (prompts // len(VALIDATION_PROMPTS) + 1))[:prompts], gen)
         channels = teacher.unet.config.in_channels
         n = len(timesteps)
+        device = next(teacher.unet.parameters()).device
         sample = torch.randn(n * prompts, channels, latent, latent, generator=gen)
         steps = torch.tensor([float(t) for t in timesteps]).repeat_interleave(prompts)
-        inputs = (sample, steps, context.repeat(n, 1, 1))
+        inputs = tuple(t.to(device) for t in (sample, steps, context.repeat(n, 1, 1)))
         return cls(teacher_output=_unet(teacher, inputs), inputs=inputs, groups=n)
 
     def score(self, pipe: Pipeline) -> float:
@@ -71,7 +72,7 @@ def text_context(pipe: Pipeline, prompts: list[str], gen: torch.Generator) -> to
         return torch.randn(len(prompts), 77, dim, generator=gen)
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
-        return pipe.text_encoder(ids)[0].float()
+        return pipe.text_encoder(ids.to(next(pipe.text_encoder.parameters()).device))[0].float().cpu()
 
 
 def _unet(pipe: Pipeline, x) -> torch.Tensor:

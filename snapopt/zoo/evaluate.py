@@ -45,7 +45,7 @@ def generate(pipeline, captions: list[str], steps: int, cfg: float, seed: int, b
         chunk = captions[i : i + batch]
         imgs = pipe(chunk, height=size, width=size, num_inference_steps=steps, guidance_scale=cfg,
                     generator=gen, output_type="pt").images
-        out.append(imgs.float() * 2 - 1)
+        out.append((imgs.float() * 2 - 1).cpu())  # the evaluator runs on the CPU whatever device generated
         if progress:
             progress(i + len(chunk), len(captions))
     return torch.cat(out)
