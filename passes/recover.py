@@ -16,7 +16,24 @@ from snapopt.train.jobs import DecoderJob, RecoverJob, StepDistillJob, run_decod
 
 
 class _TrainingPass(Pass):
+    """Shared shape of a training pass: train ``program`` against the teacher, report what it measured.
+    Subclasses name the job (``train``) and the rows of their report section (``report_rows``)."""
+
     structural = False
+
+    def train(self, teacher, program, out: Path | None) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def report_rows(self, stats: dict) -> tuple[str, list[tuple[str, object]]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self, program, ctx: PassContext) -> PassResult:
+        teacher = self._teacher(ctx)
+        out = self._out_dir(ctx)
+        stats = self.train(teacher, program, out)
+        title, rows = self.report_rows(stats)
+        self._report(ctx, out, title, rows, stats)
+        return PassResult(program, modified=True, stats=stats)
 
     def _out_dir(self, ctx: PassContext) -> Path | None:
         if ctx.work_dir is None:
@@ -47,15 +64,14 @@ class Recover(_TrainingPass):
     name = "recover"
     Options = RecoverJob
 
-    def run(self, program, ctx: PassContext) -> PassResult:
-        teacher = self._teacher(ctx)
-        out = self._out_dir(ctx)
-        stats, _ = run_recover(teacher, program, self.options, out)
-        rows = [("teacher distance before", stats["teacher_distance_before"]), ("teacher distance after", stats["teacher_distance_after"]),
-                ("steps", stats["steps"]), ("images/s", stats["images_per_second"]), ("loss first → last", f"{_fmt(stats['loss_first'])} → {_fmt(stats['loss_last'])}"),
+    def train(self, teacher, program, out):
+        return run_recover(teacher, program, self.options, out)[0]
+
+    def report_rows(self, stats):
+        return "Recovery training (distillation from the teacher)", [
+            ("teacher distance before", stats["teacher_distance_before"]), ("teacher distance after", stats["teacher_distance_after"]),
+            ("steps", stats["steps"]), ("images/s", stats["images_per_second"]), ("loss first → last", f"{_fmt(stats['loss_first'])} → {_fmt(stats['loss_last'])}"),
                 ("feature stages", ", ".join(stats["feature_stages"]) or "none")]
-        self._report(ctx, out, "Recovery training (distillation from the teacher)", rows, stats)
-        return PassResult(program, modified=True, stats=stats)
 
 
 class DecoderDistill(_TrainingPass):
@@ -64,14 +80,13 @@ class DecoderDistill(_TrainingPass):
     name = "decoder_distill"
     Options = DecoderJob
 
-    def run(self, program, ctx: PassContext) -> PassResult:
-        teacher = self._teacher(ctx)
-        out = self._out_dir(ctx)
-        stats, _ = run_decoder(teacher, program, self.options, out)
-        rows = [("PSNR vs teacher decoder before (dB)", stats["psnr_before_db"]), ("PSNR after (dB)", stats["psnr_after_db"]),
-                ("steps", stats["steps"]), ("images/s", stats["images_per_second"])]
-        self._report(ctx, out, "Decoder data distillation", rows, stats)
-        return PassResult(program, modified=True, stats=stats)
+    def train(self, teacher, program, out):
+        return run_decoder(teacher, program, self.options, out)[0]
+
+    def report_rows(self, stats):
+        return "Decoder data distillation", [
+            ("PSNR vs teacher decoder before (dB)", stats["psnr_before_db"]), ("PSNR after (dB)", stats["psnr_after_db"]),
+            ("steps", stats["steps"]), ("images/s", stats["images_per_second"])]
 
 
 class StepDistill(_TrainingPass):
@@ -80,13 +95,11 @@ class StepDistill(_TrainingPass):
     name = "step_distill"
     Options = StepDistillJob
 
-    def run(self, program, ctx: PassContext) -> PassResult:
-        teacher = self._teacher(ctx)
-        out = self._out_dir(ctx)
-        stats, _ = run_step_distill(teacher, program, self.options, out)
+    def train(self, teacher, program, out):
+        return run_step_distill(teacher, program, self.options, out)[0]
+
+    def report_rows(self, stats):
         n, h = stats["teacher_steps"], stats["student_steps"]
-        rows = [(f"distance of {h}-step student samples to {n}-step teacher, before", stats["distance_before"]),
+        return f"Step distillation {n} → {h}", [(f"distance of {h}-step student samples to {n}-step teacher, before", stats["distance_before"]),
                 ("… after", stats["distance_after"]), (f"teacher itself at {h} steps", stats["teacher_at_half_steps"]),
                 ("steps", stats["steps"]), ("images/s", stats["images_per_second"])]
-        self._report(ctx, out, f"Step distillation {n} → {h}", rows, stats)
-        return PassResult(program, modified=True, stats=stats)

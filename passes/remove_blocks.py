@@ -73,8 +73,8 @@ class RemoveBlocks(Pass):
                 samplers.append(re.sub(r"\.0$", "", name))
             elif (m := _LAYER.match(name)):
                 layers.setdefault(m["parent"], {}).setdefault(int(m["idx"]), set()).add(m["kind"])
-            elif isinstance(modules[name], nn.ModuleList) is False and "layers." in name:
-                layers.setdefault(name.rsplit(".", 1)[0], {}).setdefault(int(name.rsplit(".", 1)[1]), set()).add("layers")
+            elif (m := re.fullmatch(r"(?P<parent>.+\.layers)\.(?P<idx>\d+)", name)):  # CLIP encoder layers
+                layers.setdefault(m["parent"], {}).setdefault(int(m["idx"]), set()).add("layers")
             else:
                 raise UsageError(f"remove_blocks: '{name}' is not a removable block (ResNet, attention, sampler, stage or mid_block)")
 

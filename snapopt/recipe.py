@@ -125,7 +125,8 @@ def validate_recipe(data: dict[str, Any], path: Path | None = None) -> ResolvedR
     targets = []
     for i, ref in enumerate(recipe.targets):
         try:
-            targets.append(TARGETS.resolve(str(base / ref) if ref.endswith((".yaml", ".yml")) and not Path(ref).is_absolute() else ref))
+            is_file = ref.endswith((".yaml", ".yml"))
+            targets.append(TARGETS.resolve(str(base / ref) if is_file and not Path(ref).is_absolute() else ref))  # files: relative to the recipe
         except SnapoptError as exc:
             raise RecipeError(f"{where}targets[{i}]: {exc}") from None
     try:

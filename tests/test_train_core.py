@@ -8,14 +8,6 @@ import torch
 from conftest import BK_SMALL, BK_TINY
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # autograd's backward with 2 intra-op threads is ~100x slower on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 CPU = torch.device("cpu")
 

@@ -10,13 +10,6 @@ import torch
 from conftest import BK_SMALL
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_recover_after_remove_blocks_in_manager(tiny_pipe, tiny_shapes, tmp_path):
     from snapopt.core import PassContext, PassManager
