@@ -82,6 +82,7 @@ def plain_loop(teacher, student, batch: int, steps: int, device, bf16: bool) -> 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="arch:tiny on CPU (smoke test)")
+    ap.add_argument("--teacher", default="arch:sd-v1.5", help="teacher model (arch:, zoo:, folder); default full-size SD-v1.5")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--gradient-checkpointing", action="store_true")
@@ -93,7 +94,7 @@ def main():
     from snapopt.train import RecoverLoss, TrainOptions, Trainer
     from snapopt.train.recover import RecoverObjective
 
-    ref = "arch:tiny" if args.tiny else "arch:sd-v1.5"
+    ref = "arch:tiny" if args.tiny else args.teacher
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -137,7 +138,8 @@ def main():
     if device.type == "cuda":
         record("plain_eager_bf16", plain_loop(teacher.unet, student.unet, args.batch, args.steps, device, bf16=True))
 
-    out = args.out or ROOT / "bench" / "results" / f"distill_throughput{'_tiny' if args.tiny else ''}.json"
+    tag = "tiny" if args.tiny else ("" if ref == "arch:sd-v1.5" else ref.replace(":", "_").replace("/", "_"))
+    out = args.out or ROOT / "bench" / "results" / f"distill_throughput{'_' + tag if tag else ''}_b{args.batch}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")

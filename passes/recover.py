@@ -54,6 +54,17 @@ class _TrainingPass(Pass):
         ctx.report.setdefault("training", []).append({"pass": self.name, "stats": stats})
 
 
+def _zoo_rows(stats: dict, labels: dict[str, str]) -> list[tuple[str, object]]:
+    """FID / CLIP score / attribute accuracy rows for the zoo evaluations a job ran (``labels``: stats key → row label)."""
+    rows = []
+    for key, label in labels.items():
+        z = stats.get(key)
+        if z:
+            rows.append((f"{label}: FID / CLIP / attributes ({z['steps']} steps)",
+                         f"{z['fid']:.1f} / {z['clip_score']:.1f} / {100 * z['attribute_accuracy']:.1f}%"))
+    return rows
+
+
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -71,7 +82,8 @@ class Recover(_TrainingPass):
         return "Recovery training (distillation from the teacher)", [
             ("teacher distance before", stats["teacher_distance_before"]), ("teacher distance after", stats["teacher_distance_after"]),
             ("steps", stats["steps"]), ("images/s", stats["images_per_second"]), ("loss first → last", f"{_fmt(stats['loss_first'])} → {_fmt(stats['loss_last'])}"),
-                ("feature stages", ", ".join(stats["feature_stages"]) or "none")]
+                ("feature stages", ", ".join(stats["feature_stages"]) or "none"),
+            *_zoo_rows(stats, {"zoo_teacher": "teacher", "zoo_before": "student before recovery", "zoo_after": "student after recovery"})]
 
 
 class DecoderDistill(_TrainingPass):
@@ -102,4 +114,6 @@ class StepDistill(_TrainingPass):
         n, h = stats["teacher_steps"], stats["student_steps"]
         return f"Step distillation {n} → {h}", [(f"distance of {h}-step student samples to {n}-step teacher, before", stats["distance_before"]),
                 ("… after", stats["distance_after"]), (f"teacher itself at {h} steps", stats["teacher_at_half_steps"]),
-                ("steps", stats["steps"]), ("images/s", stats["images_per_second"])]
+                ("steps", stats["steps"]), ("images/s", stats["images_per_second"]),
+            *_zoo_rows(stats, {"zoo_teacher_n": f"teacher, {n} steps", "zoo_teacher_half": f"teacher, {h} steps",
+                               "zoo_student_half": f"student, {h} steps"})]

@@ -94,6 +94,34 @@ def test_robust_training_skips_blocks(tiny_pipe):
     assert 0 < sum(counts) < 3 * len(attn)
 
 
+class _BlowsUp:
+    """An objective whose loss turns NaN at a given step (to test that the trainer stops before saving)."""
+
+    name, skips_blocks = "blowup", False
+
+    def __init__(self, at: int):
+        self.at, self.lin = at, torch.nn.Linear(2, 1)
+        self.forward_model = self.lin
+
+    def trainable(self):
+        return self.lin
+
+    def loss(self, step, info):
+        out = self.forward_model(torch.ones(1, 2)).sum()
+        out = out * float("nan") if step >= self.at else out
+        return out, {"raw": out.detach(), "count": 1.0}
+
+
+def test_every_step_is_logged_and_nan_stops_before_a_checkpoint(tmp_path):
+    from snapopt.train import Trainer
+
+    hist = Trainer(_BlowsUp(at=10**6), _train(steps=120), None).run().history
+    assert [r["step"] for r in hist] == list(range(120)) and hist[5]["count"] == 1.0
+    with pytest.raises(FloatingPointError, match="step 7"):
+        Trainer(_BlowsUp(at=7), _train(steps=40, checkpoint_every=10), tmp_path).run()
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
 def test_resume_is_exact(tiny_pipe, tmp_path):
     from snapopt.train import RecoverLoss, RobustOptions, Trainer
     from snapopt.train.recover import RecoverObjective

@@ -62,4 +62,4 @@ class DecoderObjective:
             ms = sum(F.mse_loss(F.avg_pool2d(out, k), F.avg_pool2d(ref, k)) for k in (2, 4)) / 2
             total = total + self.lo.multiscale * ms
             parts["multiscale"] = ms
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, {k: v.detach() for k, v in parts.items()}

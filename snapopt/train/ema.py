@@ -13,9 +13,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        for n, p in module.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+        # one fused call over all tensors: a per-tensor loop is hundreds of kernel launches per step
+        pairs = [(self.shadow[n], p.detach()) for n, p in module.named_parameters() if n in self.shadow]
+        if not pairs:
+            return
+        shadow, live = zip(*pairs)
+        live = [t if t.dtype == torch.float32 else t.float() for t in live]
+        torch._foreach_lerp_(list(shadow), live, 1 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:

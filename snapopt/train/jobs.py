@@ -94,6 +94,7 @@ def run_recover(teacher, program, o: RecoverJob, out_dir: Path | None, *, resume
     with on_device([teacher, program], device):
         evaluator = TeacherDistance.prepare(teacher, latent=teacher.latent_size, timesteps=tuple(o.eval_timesteps), seed=o.train.seed)
         before = evaluator.score(program)
+        zoo_before = _zoo(program, o) if o.zoo_eval_prompts else None  # the pruned student, untrained
         obj = RecoverObjective(teacher, program.unet, o.train, o.loss, o.robust, device=device)
         try:
             result = Trainer(obj, o.train, out_dir, info=info, device=device, title="recover").run(resume=resume)
@@ -106,12 +107,18 @@ def run_recover(teacher, program, o: RecoverJob, out_dir: Path | None, *, resume
                  "feature_stages_dropped": dict(obj.matcher.dropped) if obj.matcher else {},
                  "skip_counts": obj.skip_counts}
         if o.zoo_eval_prompts:
-            from snapopt.train.evaluation import zoo_metrics
-
-            stats["zoo_teacher"] = zoo_metrics(teacher, o.zoo_eval_prompts, o.zoo_eval_steps, 7.5, o.train.seed)
-            stats["zoo_after"] = zoo_metrics(program, o.zoo_eval_prompts, o.zoo_eval_steps, 7.5, o.train.seed)
+            stats["zoo_teacher"] = _zoo(teacher, o)
+            stats["zoo_before"] = zoo_before
+            stats["zoo_after"] = _zoo(program, o)
     stats.update(_train_stats(result))
     return stats, result
+
+
+def _zoo(pipe, o: RecoverJob) -> dict[str, Any]:
+    from snapopt.train.evaluation import zoo_metrics
+
+    pipe.unet.eval()
+    return zoo_metrics(pipe, o.zoo_eval_prompts, o.zoo_eval_steps, 7.5, o.train.seed)
 
 
 def run_decoder(teacher, program, o: DecoderJob, out_dir: Path | None, *, resume: bool = False) -> tuple[dict[str, Any], TrainResult]:

@@ -70,7 +70,7 @@ class RecoverObjective:
             if feat is not None:
                 parts["feature_kd"] = feat.mean()
                 total = total + self.lo.feature_kd * self._scaled(feat, task)
-        logged = {k: float(v.detach()) for k, v in parts.items()}
+        logged = {k: v.detach() for k, v in parts.items()}
         if self.skipper is not None:
             logged["skipped"] = float(len(skipped))
         return total.mean(), logged

@@ -86,9 +86,9 @@ class StepDistillObjective:
             pred = cond_pred = self.forward_model(x_t, tt, b.cond, return_dict=False)[0].float()
         distill = per_sample_mse(pred, target)
         total = distill
-        parts = {"distill": distill.mean(), "cfg": torch.tensor(float(use_cfg))}
+        parts = {"distill": distill.mean(), "cfg": torch.tensor(float(use_cfg), device=distill.device)}
         if self.lo.original_weight > 0:
             orig = per_sample_mse(cond_pred, self.sched.target(b.x0, b.noise, t))
             total = total + self.lo.original_weight * orig
             parts["original"] = orig.mean()
-        return total.mean(), {k: float(v.detach()) for k, v in parts.items()}
+        return total.mean(), {k: v.detach() for k, v in parts.items()}

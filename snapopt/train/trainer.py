@@ -9,6 +9,7 @@ step. The loop never draws random numbers itself; objectives draw from the step'
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -59,6 +60,51 @@ def autocast_for(device: torch.device, mode: str):
     if mode == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+#: logged values stay on the device for at most this many steps (one host sync per flush, not per step)
+_FLUSH_EVERY = 50
+
+
+class _PendingLog:
+    """Loss rows waiting on the device. Reading a CUDA scalar stalls the host until the GPU catches up,
+    so the loop keeps the step's tensors and reads a whole window at once (and averages it over ranks in
+    one all-reduce). Non-finite losses are caught at the flush, before any checkpoint is written."""
+
+    def __init__(self, name: str, info: dist.DistInfo, device: torch.device, history: list, bar):
+        self.name, self.info, self.device, self.history, self.bar = name, info, device, history, bar
+        self.rows: list[tuple[int, float, list[str], torch.Tensor]] = []
+        self.window_steps = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, step: int, lr: float, loss: torch.Tensor, parts: dict[str, Any]) -> None:
+        keys = ["loss", *parts]
+        vals = [loss.detach().float().reshape(())] + [torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(()) for v in parts.values()]
+        self.rows.append((step, lr, keys, torch.stack([v.to(self.device) for v in vals])))
+
+    def flush(self, clock, t_window: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if not self.rows:
+            return
+        flat = torch.cat([r[3] for r in self.rows]).double()
+        if self.info.enabled:
+            torch.distributed.all_reduce(flat)
+            flat /= self.info.world
+        values = flat.tolist()
+        seconds = (clock() - t_window) / max(self.window_steps, 1)
+        i = 0
+        for step, lr, keys, t in self.rows:
+            row = dict(zip(keys, values[i:i + len(keys)]))
+            i += len(keys)
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"{self.name}: loss is {row['loss']} at step {step}")
+            self.history.append({"step": step, "lr": lr, **row, "seconds": round(seconds, 4)})
+        self.rows.clear()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{self.history[-1]['loss']:.4g}")
 
 
 class Trainer:
@@ -115,18 +161,17 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=o.steps, initial=start, desc=self.title, dynamic_ncols=True, leave=False)
+        log = _PendingLog(self.obj.name, info, self.device, history, bar)
         timed_steps, timed = 0, 0.0
         t_run = time.perf_counter()
         stop = o.steps if until is None else min(until, o.steps)
+        t_window = time.perf_counter()
         for step in range(start, stop):
-            t0 = time.perf_counter()
             lr = lr_at(step, o.steps, o.optim)
             for g in opt.param_groups:
                 g["lr"] = lr
             with autocast_for(self.device, o.mixed_precision):
                 loss, parts = self.obj.loss(step, info)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{self.obj.name}: loss is {loss.item()} at step {step}")
             loss.backward()
             if o.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, o.optim.grad_clip)
@@ -134,22 +179,20 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(module)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            dt = time.perf_counter() - t0
-            if step > start:  # the first step of a run pays for warm-up
-                timed_steps, timed = timed_steps + 1, timed + dt
             if step % o.log_every == 0 or step == o.steps - 1:
-                row = {"step": step, "lr": lr, "loss": float(loss.detach())}
-                row.update(parts)
-                row = dist.mean_across(row, info, self.device) | {"step": step, "lr": lr, "seconds": round(dt, 4)}
-                history.append(row)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4g}")
+                log.add(step, lr, loss, parts)
+            done = step + 1
+            save = ck_root is not None and ((o.checkpoint_every and done % o.checkpoint_every == 0 and done < o.steps) or done == o.steps)
+            log.window_steps += 1
+            if step == start or save or done == stop or len(log) >= _FLUSH_EVERY:
+                log.flush(time.perf_counter, t_window)  # waits for the device: the window's time is real
+                now = time.perf_counter()
+                if step > start:  # the first step of a run pays for warm-up, it is timed alone
+                    timed_steps, timed = timed_steps + log.window_steps, timed + now - t_window
+                log.window_steps, t_window = 0, now
             if bar is not None:
                 bar.update(1)
-            done = step + 1
-            if ck_root is not None and ((o.checkpoint_every and done % o.checkpoint_every == 0 and done < o.steps) or done == o.steps):
+            if save:
                 self._save(ck_root, done, module, opt, ema, history)
         if bar is not None:
             bar.close()
