@@ -238,3 +238,19 @@ def test_bad_options_are_one_line_errors(tiny_pipe):
     src = LatentSource(tiny_pipe, DataOptions(), seed=0, device=CPU)
     with pytest.raises(UsageError, match="batch 3 does not split evenly over 2"):
         src.batch(0, 3, DistInfo(rank=0, world=2))
+
+
+def test_ema_decay_warms_up_and_averages():
+    from snapopt.train.ema import EMA
+
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(0.0)
+    ema = EMA(lin, 0.999)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10**6) == 0.999
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    for step in range(200):
+        ema.update(lin, step)
+    # a fixed 0.999 would leave ~82% of the start (0.0) after 200 steps; the warm-up keeps < 10%
+    assert ema.shadow["weight"].item() > 0.9

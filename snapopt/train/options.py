@@ -50,7 +50,7 @@ class TrainOptions(_Opts):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, off on CPU")
     gradient_checkpointing: bool = False
-    ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of the student's weights (0: off)")
+    ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of the student's weights (0: off); warms up as min(ema, (1+step)/(10+step))")
     use_ema: bool = Field(True, description="hand the EMA weights back at the end, when ema > 0")
     optim: OptimOptions = OptimOptions()
     data: DataOptions = DataOptions()

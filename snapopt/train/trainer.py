@@ -178,7 +178,7 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.update(module)
+                ema.update(module, step)
             if step % o.log_every == 0 or step == o.steps - 1:
                 log.add(step, lr, loss, parts)
             done = step + 1
