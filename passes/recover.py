@@ -114,6 +114,8 @@ class StepDistill(_TrainingPass):
         n, h = stats["teacher_steps"], stats["student_steps"]
         return f"Step distillation {n} → {h}", [(f"distance of {h}-step student samples to {n}-step teacher, before", stats["distance_before"]),
                 ("… after", stats["distance_after"]), (f"teacher itself at {h} steps", stats["teacher_at_half_steps"]),
+                (f"distance to the teacher on the halved {h}-step grid, before → after",
+                 f"{_fmt(stats['distance_halved_before'])} → {_fmt(stats['distance_halved_after'])}"),
                 ("steps", stats["steps"]), ("images/s", stats["images_per_second"]),
             *_zoo_rows(stats, {"zoo_teacher_n": f"teacher, {n} steps", "zoo_teacher_half": f"teacher, {h} steps",
                                "zoo_student_half": f"student, {h} steps"})]

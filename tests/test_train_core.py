@@ -254,3 +254,22 @@ def test_ema_decay_warms_up_and_averages():
         ema.update(lin, step)
     # a fixed 0.999 would leave ~82% of the start (0.0) after 200 steps; the warm-up keeps < 10%
     assert ema.shadow["weight"].item() > 0.9
+
+
+def test_halved_grid_is_the_path_step_distillation_trains_for(tiny_pipe):
+    from snapopt.train.evaluation import sample_distance
+    from snapopt.train.sampling import ddim_transitions, halved_transitions, sample_latents
+
+    assert ddim_transitions(8)[:2] == [(876, 751), (751, 626)] and ddim_transitions(8)[-1] == (1, -124)
+    halved = halved_transitions(8)
+    assert len(halved) == 15 and halved[:2] == [(876, 814), (814, 751)] and halved[-1] == (1, -124)
+    assert halved[0][0] != ddim_transitions(16)[0][0]  # diffusers' 16-step grid starts at 931, not 876
+    cond = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(0))
+    kw = dict(cfg=3.0, shape=(4, 8, 8), seed=0, device=CPU)
+    by_steps = sample_latents(tiny_pipe, cond, cond[0], steps=4, **kw)
+    by_pairs = sample_latents(tiny_pipe, cond, cond[0], steps=4, transitions=ddim_transitions(4), **kw)
+    assert torch.equal(by_steps, by_pairs)
+    d = dict(prompts=2, cfg=3.0, seed=0, device=CPU)
+    assert sample_distance(tiny_pipe, tiny_pipe, 4, 8, halved=True, **d) > 0
+    with pytest.raises(ValueError, match="halved"):
+        sample_distance(tiny_pipe, tiny_pipe, 4, 6, halved=True, **d)

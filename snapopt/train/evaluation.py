@@ -6,18 +6,26 @@ import torch
 
 from snapopt.quality import VALIDATION_PROMPTS
 from snapopt.train.data import embed
-from snapopt.train.sampling import sample_latents
+from snapopt.train.sampling import halved_transitions, sample_latents
 
 
 @torch.no_grad()
-def sample_distance(teacher, student, student_steps: int, teacher_steps: int, *, prompts: int, cfg: float, seed: int, device) -> float:
+def sample_distance(teacher, student, student_steps: int, teacher_steps: int, *, prompts: int, cfg: float, seed: int, device,
+                    halved: bool = False) -> float:
     """Relative L2 distance of the student's ``student_steps``-step DDIM latents to the teacher's
-    ``teacher_steps``-step latents from the same noise and prompts (lower is better)."""
+    ``teacher_steps``-step latents from the same noise and prompts (lower is better). ``halved``: the
+    teacher walks the student's grid with every step split in two (what step distillation trains for)
+    instead of diffusers' own ``teacher_steps`` grid."""
     texts = (VALIDATION_PROMPTS * (prompts // len(VALIDATION_PROMPTS) + 1))[:prompts]
     cond = embed(teacher, texts, device, seed)
     uncond = embed(teacher, [""], device, seed + 1)[0]
     shape = (teacher.unet.config.in_channels, teacher.latent_size, teacher.latent_size)
-    ref = sample_latents(teacher, cond, uncond, steps=teacher_steps, cfg=cfg, shape=shape, seed=seed, device=device)
+    path = None
+    if halved:
+        if teacher_steps != 2 * student_steps:
+            raise ValueError(f"halved needs teacher_steps == 2 * student_steps, got {teacher_steps} and {student_steps}")
+        path = halved_transitions(student_steps, len(teacher.scheduler.alphas_cumprod), int(teacher.scheduler.config.get("steps_offset", 1)))
+    ref = sample_latents(teacher, cond, uncond, steps=teacher_steps, cfg=cfg, shape=shape, seed=seed, device=device, transitions=path)
     out = sample_latents(teacher, cond, uncond, steps=student_steps, cfg=cfg, shape=shape, seed=seed, device=device, unet=student.unet)
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
 

@@ -151,13 +151,17 @@ def run_step_distill(teacher, program, o: StepDistillJob, out_dir: Path | None, 
     with on_device([ref, program], device):
         n, half = o.loss.teacher_steps, o.loss.teacher_steps // 2
         kw = dict(prompts=o.eval_prompts, cfg=o.eval_cfg, seed=o.train.seed, device=device)
-        before = {"student_half_steps": sample_distance(ref, program, half, n, **kw), "teacher_half_steps": sample_distance(ref, ref, half, n, **kw)}
+        before = {"student_half_steps": sample_distance(ref, program, half, n, **kw), "teacher_half_steps": sample_distance(ref, ref, half, n, **kw),
+                  "halved": sample_distance(ref, program, half, n, halved=True, **kw)}
         obj = StepDistillObjective(ref, program.unet, o.train, o.loss, device=device)
         result = Trainer(obj, o.train, out_dir, info=info, device=device, title="step_distill").run(resume=resume)
         program.unet.eval()
         after = sample_distance(ref, program, half, n, **kw)
+        after_halved = sample_distance(ref, program, half, n, halved=True, **kw)
         stats = {"teacher_steps": n, "student_steps": half, "distance_before": before["student_half_steps"],
-                 "distance_after": after, "teacher_at_half_steps": before["teacher_half_steps"]}
+                 "distance_after": after, "teacher_at_half_steps": before["teacher_half_steps"],
+                 # to the teacher on the student's grid with each step halved: the path the student was trained on
+                 "distance_halved_before": before["halved"], "distance_halved_after": after_halved}
         if o.zoo_eval_prompts:
             from snapopt.train.evaluation import zoo_metrics
 

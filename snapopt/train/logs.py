@@ -24,6 +24,21 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+#: logged columns that are not losses (bookkeeping and per-step indicators)
+NOT_LOSSES = ("step", "lr", "seconds", "skipped", "cfg")
+
+
+def moving_mean(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` finite values (NaN where none yet)."""
+    out, buf = [], []
+    for v in values:
+        if v == v:  # not NaN
+            buf.append(v)
+            buf = buf[-window:]
+        out.append(sum(buf) / len(buf) if buf else float("nan"))
+    return out
+
+
 def plot(path: Path, rows: list[dict], title: str) -> Path | None:
     """Every loss column against the step, log-scaled; None when there is nothing to plot."""
     if not rows:
@@ -33,12 +48,18 @@ def plot(path: Path, rows: list[dict], title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in rows[0] if k not in ("step", "lr", "seconds", "skipped")]
+    keys = [k for k in rows[0] if k not in NOT_LOSSES]
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
-    for k in keys:
+    window = max(1, len(rows) // 40)
+    for i, k in enumerate(keys):
         vals = [r.get(k, float("nan")) for r in rows]
-        ax.plot(steps, vals, label=k, lw=1.2)
+        color = f"C{i}"
+        if window > 1:  # per-step losses jump with the drawn timesteps (and CFG steps): show the trend too
+            ax.plot(steps, vals, color=color, lw=0.6, alpha=0.25)
+            ax.plot(steps, moving_mean(vals, window), color=color, lw=1.4, label=f"{k} (mean of {window})")
+        else:
+            ax.plot(steps, vals, color=color, lw=1.2, label=k)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

@@ -14,15 +14,34 @@ def ddim_timesteps(steps: int, num_train: int = 1000, offset: int = 1) -> list[i
     return [k * ratio + offset for k in reversed(range(steps))]
 
 
+def ddim_transitions(steps: int, num_train: int = 1000, offset: int = 1) -> list[tuple[int, int]]:
+    """(t, t_prev) of each step on diffusers' DDIM grid (t_prev < 0: the final step)."""
+    ratio = num_train // steps
+    return [(t, t - ratio) for t in ddim_timesteps(steps, num_train, offset)]
+
+
+def halved_transitions(steps: int, num_train: int = 1000, offset: int = 1) -> list[tuple[int, int]]:
+    """Each step of the ``steps``-step DDIM grid split in two (t -> t - r//2 -> t - r): the 2x-step path
+    that step distillation trains the ``steps``-step student to reproduce. It is *not* diffusers' own
+    2x-step grid (stride 1000 // (2 steps) starts elsewhere: 931 for 16 steps, 876 for the halved 8-step grid)."""
+    r = num_train // steps
+    out = []
+    for t in ddim_timesteps(steps, num_train, offset):
+        mid = t - r // 2
+        # below t = 0 both halves end at the final alpha: the second would be an identity step
+        out += [(t, mid), (mid, t - r)] if mid >= 0 else [(t, t - r)]
+    return out
+
+
 @torch.no_grad()
 def sample_latents(pipe, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int, cfg: float, shape, seed: int,
-                   device, unet=None, batch: int = 16) -> torch.Tensor:
-    """x_0 latents from ``pipe``'s UNet (or ``unet``) by deterministic DDIM with classifier-free guidance."""
+                   device, unet=None, batch: int = 16, transitions: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """x_0 latents from ``pipe``'s UNet (or ``unet``) by deterministic DDIM with classifier-free guidance,
+    on diffusers' ``steps``-step grid or on explicit ``transitions`` (t, t_prev)."""
     unet = unet or pipe.unet
     sched = Schedule(pipe.scheduler, pipe.prediction_type)
     offset = int(pipe.scheduler.config.get("steps_offset", 1))
-    ts = ddim_timesteps(steps, sched.num_train, offset)
-    ratio = sched.num_train // steps
+    transitions = transitions or ddim_transitions(steps, sched.num_train, offset)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(len(cond), *shape, generator=gen).to(device)
     dtype = next(unet.parameters()).dtype
@@ -30,11 +49,11 @@ def sample_latents(pipe, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int
     for i in range(0, len(cond), batch):
         xi, c = x[i:i + batch], cond[i:i + batch]
         u = uncond.expand_as(c)
-        for t in ts:
+        for t, t_prev in transitions:
             tt = torch.full((len(xi),), t, dtype=torch.long)
             inp = torch.cat([xi, xi]).to(dtype)
             pred = unet(inp, torch.cat([tt, tt]).to(device), torch.cat([u, c]).to(dtype), return_dict=False)[0].float()
             pu, pc = pred.chunk(2)
-            xi = sched.ddim_step(guided(pu, pc, cfg), xi, tt, tt - ratio)
+            xi = sched.ddim_step(guided(pu, pc, cfg), xi, tt, torch.full_like(tt, t_prev))
         out.append(xi)
     return torch.cat(out)
