@@ -273,3 +273,19 @@ def test_halved_grid_is_the_path_step_distillation_trains_for(tiny_pipe):
     assert sample_distance(tiny_pipe, tiny_pipe, 4, 8, halved=True, **d) > 0
     with pytest.raises(ValueError, match="halved"):
         sample_distance(tiny_pipe, tiny_pipe, 4, 6, halved=True, **d)
+
+
+def test_truncated_snr_weighting_upweights_noisy_steps(tiny_pipe):
+    from snapopt.train import StepDistillLoss
+    from snapopt.train.step_distill import StepDistillObjective
+
+    snr = StepDistillObjective(tiny_pipe, tiny_pipe.unet, _train(), StepDistillLoss(teacher_steps=8), device=CPU)
+    plain = StepDistillObjective(tiny_pipe, tiny_pipe.unet, _train(), StepDistillLoss(teacher_steps=8, weighting="output"), device=CPU)
+    gen = torch.Generator().manual_seed(0)
+    x_t, pred, target = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+    t = torch.tensor([876, 1])  # very noisy (SNR << 1) and almost clean (SNR >> 1)
+    ab = snr.sched.alpha_bar(t).float()
+    ratio = snr.distill_error(pred, target, x_t, t) / plain.distill_error(pred, target, x_t, t)
+    # epsilon prediction: x0 error = eps error * s/a, so the weight is max(1, 1/SNR) in epsilon space
+    torch.testing.assert_close(ratio, torch.clamp((1 - ab) / ab, min=1.0), rtol=1e-4, atol=1e-6)
+    assert ratio[0] > 10 and ratio[1] == pytest.approx(1.0, rel=1e-4)

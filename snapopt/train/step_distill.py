@@ -57,6 +57,18 @@ class StepDistillObjective:
         x0 = self.sched.x0_for_one_step(x_t.double(), x_end.double(), t, t - self.stride)
         return self.sched.from_x0(x0, x_t.double(), t).to(x_t.dtype)
 
+    def distill_error(self, pred, target, x_t, t):
+        """Per-sample distillation error. ``snr_trunc``: |x0(pred) - x0(target)|^2 * max(SNR_t, 1), Salimans &
+        Ho's truncated-SNR weighting; in epsilon space that is the plain MSE times max(1, 1/SNR), so the
+        high-noise steps, which decide where a few-step trajectory goes, are not drowned out."""
+        if self.lo.weighting == "output":
+            return per_sample_mse(pred, target)
+        x0_pred, _ = self.sched.to_x0_eps(pred, x_t, t)
+        x0_target, _ = self.sched.to_x0_eps(target, x_t, t)
+        ab = self.sched.alpha_bar(t).to(x_t.device)
+        weight = (ab / (1 - ab)).clamp(min=1.0).to(x_t.dtype)
+        return weight * per_sample_mse(x0_pred, x0_target)
+
     def _teacher_pred(self, x, t, cond, uncond, scale):
         tt = t.to(x.device)
         if scale is None:
@@ -84,7 +96,7 @@ class StepDistillObjective:
             pred, cond_pred = guided(u, c, scale), c
         else:
             pred = cond_pred = self.forward_model(x_t, tt, b.cond, return_dict=False)[0].float()
-        distill = per_sample_mse(pred, target)
+        distill = self.distill_error(pred, target, x_t.float(), t)
         total = distill
         parts = {"distill": distill.mean(), "cfg": torch.tensor(float(use_cfg), device=distill.device)}
         if self.lo.original_weight > 0:
