@@ -1,4 +1,4 @@
-"""``block_prune``: SnapFusion's architecture evolving (arXiv 2306.00980, Algorithm 1, evaluation part).
+"""``block_prune``: SnapFusion's architecture evolving (arXiv 2306.00980, Algorithm 1).
 
 For every candidate block (attention blocks and channel-preserving ResNets) the pass measures what skipping
 it costs in quality (ΔQuality, from an evaluator) and saves in latency on the target (ΔLatency, from the
@@ -8,6 +8,11 @@ meets the latency budget. If it then has room, it adds back the highest-value re
 fits (the paper's A+ action; duplicating a block would need training, so it is left to the recovery
 trainer). Every evaluation goes into the run report (a table and a plot of ΔQuality against ΔLatency); the
 chosen blocks are then removed physically with ``remove_blocks`` (in place, keeping skip connections).
+
+With ``robust_training`` the evaluations are interleaved with training, as in Algorithm 1: before every
+scoring round the UNet is distilled from the teacher for ``robust_training.train.steps`` steps, with the
+blocks chosen so far skipped and the survivors skipped at random (``robust_training.robust``), so each
+round scores a model that has learned to live without what is already gone.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pydantic import Field, model_validator
 
 from snapopt.core import ComponentOptions, Pass, PassContext, PassResult
 from snapopt.errors import UsageError
+from snapopt.train.jobs import RecoverJob
 
 
 class BlockPruneOptions(ComponentOptions):
@@ -33,6 +39,9 @@ class BlockPruneOptions(ComponentOptions):
     candidates: list[str] = Field(default_factory=list, description="restrict to these blocks (default: every skippable block)")
     reevaluate_every: int = Field(0, ge=0, description="re-score survivors after this many removals (0: rank once)")
     add_back: bool = Field(True, description="A+ action: add back the highest-value removed block while under budget")
+    robust_training: RecoverJob | None = Field(
+        None, description="Algorithm 1: before each scoring round, train this recover job (train.steps per round) with the "
+                          "chosen blocks skipped and the rest skipped at random (robust)")
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -71,12 +80,28 @@ class BlockPrune(Pass):
         evaluator = TeacherDistance.prepare(program, latent=ctx.shapes.latent(program), prompts=o.prompts,
                                             timesteps=tuple(o.timesteps), seed=ctx.seed)
         base_q = evaluator.score(program)
+        if o.robust_training is not None and ctx.teacher is None:
+            raise UsageError("block_prune: robust_training needs the teacher (PassContext.teacher; snapopt apply sets it)")
 
         removed: list[str] = []
         log: list[dict] = []
+        rounds: list[dict] = []
+
+        def train_round(round_: int) -> None:
+            """Algorithm 1's robust training between evaluations (the blocks chosen so far stay skipped)."""
+            from snapopt.train.jobs import run_recover
+
+            out = ctx.work_dir / f"block_prune-{len(ctx.history)}-round{round_}" if ctx.work_dir is not None else None
+            with skip_blocks(program.unet, removed):
+                st, _ = run_recover(ctx.teacher, program, o.robust_training, out)
+            rounds.append({"round": round_, "skipped": len(removed), "steps": st["steps"],
+                           "teacher_distance_before": st["teacher_distance_before"], "teacher_distance_after": st["teacher_distance_after"],
+                           "skip_counts": st["skip_counts"]})
 
         def evaluate(round_: int) -> dict[str, dict]:
             """Score skipping each surviving candidate on top of what is already removed."""
+            if o.robust_training is not None:
+                train_round(round_)
             with skip_blocks(program.unet, removed):
                 q0 = evaluator.score(program)
             now_us = table.latency_us(_kept(table, removed))
@@ -121,7 +146,8 @@ class BlockPrune(Pass):
         RemoveBlocks({"component": "unet", "blocks": removed, "keep_skips": True}).run(program, ctx)
         stats = {"target": target.id, "baseline_ms": round(baseline_ms, 2), "budget_ms": round(budget_ms, 2),
                  "final_ms": round(current_ms, 2), "baseline_quality": base_q, "final_quality": final_q,
-                 "evaluator": evaluator.name, "removed": removed, "added_back": added_back, "evaluations": len(log)}
+                 "evaluator": evaluator.name, "removed": removed, "added_back": added_back, "evaluations": len(log),
+                 "robust_rounds": rounds}
         _report(ctx, stats, log, removed)
         return PassResult(program, modified=bool(removed), stats=stats,
                           replay_pass="remove_blocks", replay_options={"component": "unet", "blocks": removed, "keep_skips": True})
@@ -154,6 +180,11 @@ def _report(ctx: PassContext, stats: dict, log: list[dict], removed: list[str]) 
         path = ctx.work_dir / "block_prune_value.png"
         _plot(path, log, removed, stats)
         lines = [f"![block value]({path.name})", ""] + lines
+    if stats["robust_rounds"]:
+        lines += ["", "Robust training between rounds (Algorithm 1):", "",
+                  "| round | blocks skipped | steps | teacher distance before → after |", "|---:|---:|---:|---|"]
+        lines += [f"| {r['round']} | {r['skipped']} | {r['steps']} | {r['teacher_distance_before']:.4f} → {r['teacher_distance_after']:.4f} |"
+                  for r in stats["robust_rounds"]]
     ctx.report.setdefault("sections", []).append({"title": "Block pruning (value = ΔQuality / ΔLatency)", "lines": lines})
     ctx.report.setdefault("block_prune", []).append({"stats": stats, "evaluations": log})
 

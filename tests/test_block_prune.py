@@ -73,3 +73,27 @@ def test_block_prune_bad_options(tiny, tiny_shapes):
     with pytest.raises(PreconditionError, match="not reachable"):
         PassManager([BlockPrune({"budget_ms": 0.001, "prompts": 1, "timesteps": [500],
                                  "candidates": ["mid_block.attentions.0"]})], ctx).run(tiny)
+
+
+def test_block_prune_interleaves_robust_training(tiny, tiny_shapes, tmp_path):
+    """Algorithm 1: a robust-training round before every scoring round; chosen blocks stay skipped while training."""
+    teacher_state = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    ctx = PassContext(shapes=tiny_shapes, targets=[TARGETS.resolve("iphone-14-pro")], work_dir=tmp_path, teacher=tiny)
+    candidates = ["down_blocks.0.attentions.0", "down_blocks.0.resnets.1", "mid_block.attentions.0", "up_blocks.3.attentions.1"]
+    robust = {"train": {"steps": 2, "batch": 2, "progress": False, "optim": {"lr": 1e-3}}, "robust": {"attention": 0.5, "resnet": 0.5},
+              "eval_timesteps": [500]}
+    opts = {"budget_fraction": 0.97, "prompts": 1, "timesteps": [500], "reevaluate_every": 1, "candidates": candidates,
+            "robust_training": robust}
+    out, (rec,) = PassManager([BlockPrune(opts)], ctx).run(tiny)
+    s = rec.stats
+    rounds = sorted({r["round"] for r in ctx.report["block_prune"][0]["evaluations"]})
+    assert [r["round"] for r in s["robust_rounds"]] == rounds and all(r["steps"] == 2 for r in s["robust_rounds"])
+    assert [r["skipped"] for r in s["robust_rounds"]] == rounds  # one more block skipped per round (reevaluate_every 1)
+    assert s["final_ms"] <= s["budget_ms"]
+    assert all(torch.equal(v, tiny.unet.state_dict()[k]) for k, v in teacher_state.items())  # the teacher is never trained
+    kept = out.unet.state_dict()
+    assert any(not torch.equal(kept[k], teacher_state[k]) for k in kept if k in teacher_state)
+    assert (tmp_path / "block_prune-0-round0" / "losses.csv").is_file()
+    assert any("Robust training between rounds" in line for sec in ctx.report["sections"] for line in sec["lines"])
+    with pytest.raises(PreconditionError, match="robust_training needs the teacher"):
+        PassManager([BlockPrune(opts)], PassContext(shapes=tiny_shapes, targets=ctx.targets)).run(tiny)
