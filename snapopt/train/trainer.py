@@ -194,6 +194,7 @@ class Trainer:
                 bar.update(1)
             if save:
                 self._save(ck_root, done, module, opt, ema, history)
+                t_window = time.perf_counter()  # saving is not training time
         if bar is not None:
             bar.close()
 
