@@ -53,17 +53,6 @@ def shard(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x[info.rank * n:(info.rank + 1) * n]
 
 
-def mean_across(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
-    """Average logged losses over ranks (for the log only; gradients are averaged by DDP)."""
-    if not info.enabled or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    tdist.all_reduce(t)
-    t /= info.world
-    return dict(zip(keys, t.tolist()))
-
-
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         tdist.barrier()
