@@ -57,3 +57,15 @@ def test_cli_spec_runs_and_resumes(tmp_path):
     bad.write_text(json.dumps({"model": "arch:tiny", "job": "recover", "options": {"train": {"batch": 0}}}))
     with pytest.raises(UsageError, match=r"bad.json: options.train.batch: Input should be greater than or equal to 1"):
         run_spec(bad, tmp_path / "x")
+
+
+def test_steps_override_shortens_warmup_too():
+    from pathlib import Path
+
+    from snapopt.train.spec import load_spec
+
+    spec = Path(__file__).resolve().parents[1] / "snapopt" / "train" / "specs" / "recover-bk-sdm-small-snapshapes.yaml"
+    assert load_spec(spec).job_options().train.optim.warmup_steps == 100
+    short = load_spec(spec, {"steps": 3}).job_options().train
+    assert short.steps == 3 and short.optim.warmup_steps == 3
+    assert load_spec(spec, {"steps": 500}).job_options().train.optim.warmup_steps == 100

@@ -64,6 +64,10 @@ def load_spec(path: Path, overrides: dict[str, Any] | None = None) -> TrainSpec:
         opts = dict(spec.options)
         train = dict(opts.get("train", {}))
         train.update(overrides)
+        optim = dict(train.get("optim", {}))
+        if "steps" in overrides and optim.get("warmup_steps", 0) > overrides["steps"]:
+            optim["warmup_steps"] = overrides["steps"]  # --steps shortened the run below its warm-up: shorten that too
+            train["optim"] = optim
         opts["train"] = train
         spec = spec.model_copy(update={"options": opts})
     try:
