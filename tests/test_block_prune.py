@@ -75,8 +75,13 @@ def test_block_prune_bad_options(tiny, tiny_shapes):
                                  "candidates": ["mid_block.attentions.0"]})], ctx).run(tiny)
 
 
-def test_block_prune_interleaves_robust_training(tiny, tiny_shapes, tmp_path):
+def test_block_prune_interleaves_robust_training(tiny, tiny_shapes, tmp_path, monkeypatch):
     """Algorithm 1: a robust-training round before every scoring round; chosen blocks stay skipped while training."""
+    from snapopt.train.data import LatentSource
+
+    built = []
+    init = LatentSource.__init__
+    monkeypatch.setattr(LatentSource, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
     teacher_state = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
     ctx = PassContext(shapes=tiny_shapes, targets=[TARGETS.resolve("iphone-14-pro")], work_dir=tmp_path, teacher=tiny)
     candidates = ["down_blocks.0.attentions.0", "down_blocks.0.resnets.1", "mid_block.attentions.0", "up_blocks.3.attentions.1"]
@@ -89,6 +94,7 @@ def test_block_prune_interleaves_robust_training(tiny, tiny_shapes, tmp_path):
     rounds = sorted({r["round"] for r in ctx.report["block_prune"][0]["evaluations"]})
     assert [r["round"] for r in s["robust_rounds"]] == rounds and all(r["steps"] == 2 for r in s["robust_rounds"])
     assert [r["skipped"] for r in s["robust_rounds"]] == rounds  # one more block skipped per round (reevaluate_every 1)
+    assert len(rounds) > 1 and len(built) == 1  # the data pool is built once for all rounds
     assert s["final_ms"] <= s["budget_ms"]
     assert all(torch.equal(v, tiny.unet.state_dict()[k]) for k, v in teacher_state.items())  # the teacher is never trained
     kept = out.unet.state_dict()

@@ -85,7 +85,9 @@ def _setup(train: TrainOptions):
     return info, device
 
 
-def run_recover(teacher, program, o: RecoverJob, out_dir: Path | None, *, resume: bool = False) -> tuple[dict[str, Any], TrainResult]:
+def run_recover(teacher, program, o: RecoverJob, out_dir: Path | None, *, resume: bool = False,
+                data=None) -> tuple[dict[str, Any], TrainResult]:
+    """``data``: a :class:`snapopt.train.data.LatentSource` to reuse (callers that train in rounds build it once)."""
     from snapopt.quality import TeacherDistance
     from snapopt.train.recover import RecoverObjective
 
@@ -95,7 +97,7 @@ def run_recover(teacher, program, o: RecoverJob, out_dir: Path | None, *, resume
         evaluator = TeacherDistance.prepare(teacher, latent=teacher.latent_size, timesteps=tuple(o.eval_timesteps), seed=o.train.seed)
         before = evaluator.score(program)
         zoo_before = _zoo(program, o) if o.zoo_eval_prompts else None  # the pruned student, untrained
-        obj = RecoverObjective(teacher, program.unet, o.train, o.loss, o.robust, device=device)
+        obj = RecoverObjective(teacher, program.unet, o.train, o.loss, o.robust, device=device, data=data)
         try:
             result = Trainer(obj, o.train, out_dir, info=info, device=device, title="recover").run(resume=resume)
         finally:
