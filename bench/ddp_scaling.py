@@ -26,29 +26,30 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def training_spec(spec: Path, steps: int, batch: int | None, device: str) -> dict:
+def training_spec(spec: Path, batch: int | None) -> dict:
+    """The spec with evaluations, checkpoints, progress bars and the saved model switched off."""
     s = yaml.safe_load(spec.read_text())
-    train = s.setdefault("options", {}).setdefault("train", {})
-    train.update(steps=steps, device=device, checkpoint_every=0, progress=False)
-    train["optim"] = {**train.get("optim", {}), "warmup_steps": min(train.get("optim", {}).get("warmup_steps", 0), steps)}
+    opts = s.setdefault("options", {})
+    opts.setdefault("train", {}).update(checkpoint_every=0, progress=False)
     if batch:
-        train["batch"] = batch
-    for key in ("zoo_eval_prompts", "eval_prompts"):
-        if key in s["options"]:
-            s["options"][key] = 0 if key == "zoo_eval_prompts" else 1
+        opts["train"]["batch"] = batch
+    if "zoo_eval_prompts" in opts:
+        opts["zoo_eval_prompts"] = 0
+    if "eval_prompts" in opts:
+        opts["eval_prompts"] = 1
     s["save_model"] = False
     return s
 
 
-def run(spec_file: Path, out: Path, gpus: int, cpu: bool) -> dict:
+def run(spec_file: Path, out: Path, gpus: int, steps: int, cpu: bool) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    train = ["-m", "snapopt.train", str(spec_file), "--out", str(out), "--steps", str(steps), "--device", "cpu" if cpu else "cuda"]
     if gpus == 1:
-        cmd = [sys.executable, "-m", "snapopt.train", str(spec_file), "--out", str(out)]
+        cmd = [sys.executable, *train]
         if not cpu:
             env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-               "-m", "snapopt.train", str(spec_file), "--out", str(out)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *train]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     result = json.loads((out / "result.json").read_text())
@@ -104,13 +105,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ddp_scaling")
     args = ap.parse_args()
 
-    spec = training_spec(args.spec, args.steps, args.batch, "cpu" if args.cpu else "cuda")
+    spec = training_spec(args.spec, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         spec_file = tmp / "spec.yaml"
         spec_file.write_text(yaml.safe_dump(spec))
-        one = run(spec_file, tmp / "one", 1, args.cpu)
-        many = run(spec_file, tmp / "many", args.gpus, args.cpu)
+        one = run(spec_file, tmp / "one", 1, args.steps, args.cpu)
+        many = run(spec_file, tmp / "many", args.gpus, args.steps, args.cpu)
     ips1, ipsk = one["stats"]["images_per_second"], many["stats"]["images_per_second"]
     import torch
 

@@ -86,22 +86,23 @@ class BlockPrune(Pass):
         removed: list[str] = []
         log: list[dict] = []
         rounds: list[dict] = []
-        data: list = []  # the robust-training data source, built on the first round
+        data = None  # the robust-training data source, built on the first round
 
         def train_round(round_: int) -> None:
             """Algorithm 1's robust training between evaluations (the blocks chosen so far stay skipped)."""
+            nonlocal data
             from snapopt.train import dist
             from snapopt.train.data import LatentSource
             from snapopt.train.jobs import run_recover
 
             rt = o.robust_training
-            if not data:  # one data pool for every round (the zoo source renders and encodes thousands of scenes)
+            if data is None:  # one data pool for every round (the zoo source renders and encodes thousands of scenes)
                 _, device = dist.init(rt.train.device)
-                data.append(LatentSource(ctx.teacher, rt.train.data, seed=rt.train.seed, device=device,
-                                         num_train=len(ctx.teacher.scheduler.alphas_cumprod)))
+                data = LatentSource(ctx.teacher, rt.train.data, seed=rt.train.seed, device=device,
+                                    num_train=len(ctx.teacher.scheduler.alphas_cumprod))
             out = ctx.work_dir / f"block_prune-{len(ctx.history)}-round{round_}" if ctx.work_dir is not None else None
             with skip_blocks(program.unet, removed):
-                st, _ = run_recover(ctx.teacher, program, rt, out, data=data[0])
+                st, _ = run_recover(ctx.teacher, program, rt, out, data=data)
             rounds.append({"round": round_, "skipped": len(removed), "steps": st["steps"],
                            "teacher_distance_before": st["teacher_distance_before"], "teacher_distance_after": st["teacher_distance_after"],
                            "skip_counts": st["skip_counts"]})

@@ -80,11 +80,10 @@ class _PendingLog:
         return len(self.rows)
 
     def add(self, step: int, lr: float, loss: torch.Tensor, parts: dict[str, Any]) -> None:
-        keys = ["loss", *parts]
-        vals = [loss.detach().float().reshape(())] + [torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(()) for v in parts.values()]
-        self.rows.append((step, lr, keys, torch.stack([v.to(self.device) for v in vals])))
+        vals = [torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(()) for v in (loss.detach(), *parts.values())]
+        self.rows.append((step, lr, ["loss", *parts], torch.stack(vals)))
 
-    def flush(self, clock, t_window: float) -> None:
+    def flush(self, t_window: float) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if not self.rows:
@@ -94,7 +93,7 @@ class _PendingLog:
             torch.distributed.all_reduce(flat)
             flat /= self.info.world
         values = flat.tolist()
-        seconds = (clock() - t_window) / max(self.window_steps, 1)
+        seconds = (time.perf_counter() - t_window) / max(self.window_steps, 1)
         i = 0
         for step, lr, keys, t in self.rows:
             row = dict(zip(keys, values[i:i + len(keys)]))
@@ -185,7 +184,7 @@ class Trainer:
             save = ck_root is not None and ((o.checkpoint_every and done % o.checkpoint_every == 0 and done < o.steps) or done == o.steps)
             log.window_steps += 1
             if step == start or save or done == stop or len(log) >= _FLUSH_EVERY:
-                log.flush(time.perf_counter, t_window)  # waits for the device: the window's time is real
+                log.flush(t_window)  # waits for the device: the window's time is real
                 now = time.perf_counter()
                 if step > start:  # the first step of a run pays for warm-up, it is timed alone
                     timed_steps, timed = timed_steps + log.window_steps, timed + now - t_window
