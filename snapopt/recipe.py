@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from snapopt.devices.target import format_validation_error
 from snapopt.errors import RecipeError, SnapoptError
+from snapopt.lowering.spec import ExportSpec
 
 Component = Literal["unet", "vae_decoder", "vae_encoder", "text_encoder"]
 
@@ -25,14 +26,6 @@ class _Strict(BaseModel):
 class PassStep(_Strict):
     pass_: str = Field(alias="pass", description="registered name, 'module:Class' or 'file.py[:Class]'")
     options: dict[str, Any] = Field(default_factory=dict)
-
-
-class ExportSpec(_Strict):
-    coreml: bool = True
-    onnx: bool = True
-    components: list[Component] = Field(default_factory=lambda: ["unet", "vae_decoder", "text_encoder"])
-    weight_bits: int = Field(16, description="16 for fp16 weights; 1-8 palettizes Core ML weights")
-    onnx_check: bool = True
 
 
 class VerifySpec(_Strict):
