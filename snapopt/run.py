@@ -24,6 +24,8 @@ import yaml
 
 from snapopt.capture import block_graph
 from snapopt.core import PassContext, PassManager
+from snapopt.devices.report import latency_report
+from snapopt.lowering.export import lower_exports
 from snapopt.lowering.interfaces import Shapes
 from snapopt.models.loading import load_model
 from snapopt.recipe import ResolvedRecipe
@@ -109,33 +111,6 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, p
     return RunResult(out_dir=out_dir, report=report, pipeline=pipe, timings=timings)
 
 
-def lower_exports(pipe, resolved: ResolvedRecipe, shapes: Shapes, folder: Path, stage) -> dict[str, Any]:
-    from snapopt.lowering import coreml, onnx
-
-    spec = resolved.recipe.export
-    wanted = [c for c in spec.components if c in pipe.components()]
-    result: dict[str, Any] = {"coreml": [], "onnx": [], "resources": []}
-    if spec.coreml and wanted:
-        target = min(resolved.targets, key=lambda t: t.ios_major) if resolved.targets else None
-        deployment = target.coreml_deployment_target() if target else None
-        result["coreml_deployment_target"] = deployment.name if deployment is not None else "iOS16"
-        res = folder / "coreml"
-        for comp in wanted:
-            with stage(f"lower {comp} to Core ML"):
-                info = coreml.lower_component(pipe, comp, shapes, res, deployment_target=deployment, weight_bits=spec.weight_bits,
-                                              compute_units=target.profile.compute_units if target else "CPU_AND_NE")
-                info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
-                result["coreml"].append(info)
-        result["resources"] = coreml.write_tokenizer_resources(pipe, res)
-    if spec.onnx and wanted:
-        for comp in wanted:
-            with stage(f"export {comp} to ONNX"):
-                info = onnx.export_onnx(pipe, comp, shapes, folder / "onnx", check=spec.onnx_check)
-                info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
-                result["onnx"].append(info)
-    return result
-
-
 def build_report(resolved, pipe, shapes, before, after, records, exports, seconds, ctx) -> dict[str, Any]:
     comps = {}
     for c in after:
@@ -143,7 +118,7 @@ def build_report(resolved, pipe, shapes, before, after, records, exports, second
         comps[c] = {"before": b, "after": a, "blocks": after[c].rows()}
         for row in comps[c]["blocks"]:
             row["out_shape"] = list(row["out_shape"])
-    latency, latency_lines = _latency_report(resolved.targets, before, after)
+    latency, latency_lines = latency_report(resolved.targets, before, after)
     sections = list(ctx.report.get("sections", []))
     if latency_lines:
         sections.append({"title": "Predicted latency per target", "lines": latency_lines})
@@ -159,25 +134,6 @@ def build_report(resolved, pipe, shapes, before, after, records, exports, second
         "extra_sections": sections,
         "seconds": seconds,
     }
-
-
-def _latency_report(targets, before, after) -> tuple[dict[str, Any], list[str]]:
-    """Cost-model latency of every component before and after the passes, per target (see snapopt.devices)."""
-    from snapopt.devices.latency import build_table
-
-    out: dict[str, Any] = {}
-    lines = ["| target | profile | component | before ms | after ms | speed-up | largest block after |",
-             "|---|---|---|---:|---:|---:|---|"]
-    for t in targets:
-        per = out.setdefault(t.id, {"profile": t.profile.name, "components": {}})
-        for comp, g in after.items():
-            b, a = build_table(before[comp], t), build_table(g, t)
-            top = max(a.blocks.values(), key=lambda x: x.us) if a.blocks else None
-            per["components"][comp] = {"before_ms": round(b.total_ms, 3), "after_ms": round(a.total_ms, 3),
-                                       "blocks_us": {n: round(x.us, 2) for n, x in a.blocks.items()}}
-            lines.append(f"| {t.id} | {t.profile.name} | {comp} | {b.total_ms:.2f} | {a.total_ms:.2f} | "
-                         f"{b.total_ms / max(a.total_ms, 1e-9):.2f}× | {top.name + f' ({top.us / 1e3:.2f} ms)' if top else '–'} |")
-    return out, (lines if out else [])
 
 
 def write_run_files(folder: Path, resolved: ResolvedRecipe, report: dict[str, Any], argv: list[str] | None) -> None:
