@@ -10,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from snapopt.devices.cost_model import UNITS, CostModel
+import numpy as np
+
+from snapopt.devices.cost_model import UNITS, CostModel, OpArrays, canonical_ops
 from snapopt.devices.target import Target
 from snapopt.errors import UsageError
 from snapopt.ir.block_graph import BlockGraph
+from snapopt.ir.ops import OpRecord
 
 
 @dataclass
@@ -81,10 +84,25 @@ class LatencyTable:
                 "blocks": [b.to_json() for b in self.blocks.values()]}
 
 
+def graph_arrays(graph: BlockGraph) -> tuple[list[str], OpArrays, list[OpRecord]]:
+    """Block names, the canonical ops' numeric features, and all raw ops of ``graph`` (cached on the graph:
+    pricing the same graph on many targets, or thousands of times in a fit, canonicalises once)."""
+    cached = getattr(graph, "_snapopt_price_cache", None)
+    if cached is None:
+        names = list(graph.blocks())
+        raw = [list(graph.ops(n)) for n in names]
+        cached = (names, OpArrays.build([canonical_ops(ops) for ops in raw]), [op for ops in raw for op in ops])
+        try:
+            graph._snapopt_price_cache = cached
+        except AttributeError:  # a graph type that refuses attributes: recompute next time
+            pass
+    return cached
+
+
 def build_table(graph: BlockGraph, target: Target, overrides: dict[str, float] | None = None) -> LatencyTable:
-    """Price every op of ``graph`` on ``target`` and sum per block."""
+    """Price every op of ``graph`` on ``target`` and sum per block (the one price every report and pass uses)."""
     model = CostModel(target, overrides)
-    all_ops = [op for name in graph.blocks() for op in graph.ops(name)]
+    names, arrays, all_ops = graph_arrays(graph)
     weight_total = model.total_weight_bytes(all_ops)
     stream = model.weights_stream(weight_total)
     table = LatencyTable(target.id, target.profile.name, graph.component, model.fixed_us(weight_total),
@@ -92,18 +110,27 @@ def build_table(graph: BlockGraph, target: Target, overrides: dict[str, float] |
                                "attention": target.profile.attention, "weight_bits": target.profile.weight_bits,
                                "compute_units": target.profile.compute_units,
                                "inputs": {k: list(v) for k, v in graph.input_shapes.items()}})
-    for name in graph.blocks():
+    p = model.price(arrays, stream)
+    nb = len(names)
+    per = lambda v: np.bincount(arrays.block, weights=v, minlength=nb)  # noqa: E731
+    us, comp, mem, tr, dram = per(p.us), per(p.compute_us), per(p.memory_us), per(p.transfer_us), per(p.dram_bytes)
+    by_unit = [per(np.where(p.unit == u, p.us, 0.0)) for u in range(len(UNITS))]
+    for i, name in enumerate(names):
         node = graph.node(name)
-        costs = model.ops_cost(graph.ops(name), stream)
-        by_unit = {u: 0.0 for u in UNITS}
-        for c in costs:
-            by_unit[c.unit] += c.us
         table.blocks[name] = BlockLatency(
-            name=name, kind=node["kind"], resolution=node.get("resolution"), us=sum(c.us for c in costs),
-            compute_us=sum(c.compute_us for c in costs), memory_us=sum(c.memory_us for c in costs),
-            transfer_us=sum(c.transfer_us for c in costs), dram_mb=sum(c.dram_bytes for c in costs) / 1e6,
-            by_unit_us={u: t for u, t in by_unit.items() if t > 0})
+            name=name, kind=node["kind"], resolution=node.get("resolution"), us=float(us[i]),
+            compute_us=float(comp[i]), memory_us=float(mem[i]), transfer_us=float(tr[i]), dram_mb=float(dram[i]) / 1e6,
+            by_unit_us={UNITS[u]: float(by_unit[u][i]) for u in range(len(UNITS)) if by_unit[u][i] > 0})
     return table
+
+
+def whole_model_us(graph: BlockGraph, target: Target, overrides: dict[str, float] | None = None) -> float:
+    """The component priced as one op sequence (no block boundaries): what the lookup table's sum must match."""
+    model = CostModel(target, overrides)
+    names, _, all_ops = graph_arrays(graph)
+    weight_total = model.total_weight_bytes(all_ops)
+    arrays = OpArrays.build([canonical_ops(all_ops)])
+    return model.fixed_us(weight_total) + float(model.price(arrays, model.weights_stream(weight_total)).us.sum())
 
 
 def model_tables(model: str, targets: list[Target], component: str = "unet", resolution: int | None = None,
