@@ -1,8 +1,9 @@
 """The ``snapopt`` command line.
 
-Exit codes: 0 success · 1 internal error · 2 bad input (recipe, argument, file, model reference, plugin) ·
-3 a pass failed (named) · 4 lowering failed. Errors print one line, never a traceback
-(set SNAPOPT_DEBUG=1 to see it).
+Exit codes: 0 success · 1 internal error · 2 bad input (recipe, argument, file, model reference, plugin,
+and every command-line usage error) · 3 a pass failed (named) · 4 lowering failed · 130 interrupted.
+Errors print one line, never a traceback (set SNAPOPT_DEBUG=1 to see it). ``--help`` imports no torch:
+commands import what they drive when they run.
 """
 
 from __future__ import annotations
@@ -18,11 +19,38 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from snapopt.errors import SnapoptError, UsageError
+from snapopt.errors import UsageError, run_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets rich's fitted layout; a pipe or file gets tables at their natural width (rich would
+    otherwise assume 80 columns and cut ids to ``iphone…``)."""
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=100_000, soft_wrap=True)
+
+
+console = _console()
+err_console = _console(stderr=True)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=1, default=str))
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from snapopt import __version__
+
+        print(f"snapopt {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="print the version and exit", is_eager=True,
+                                       callback=_version_callback)):
+    """Compiler-style optimisation of Stable Diffusion pipelines for iPhones."""
 
 
 def _components(value: str) -> list[str]:
@@ -41,15 +69,47 @@ def apply(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default runs/<name>-<time>)"),
     model: Optional[str] = typer.Option(None, "--model", help="override the recipe's model reference"),
     overwrite: bool = typer.Option(False, help="replace an existing run folder"),
+    as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON (progress stays on stderr)"),
 ):
     """Validate RECIPE, run its passes and lowering, and write a run folder."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
+    from snapopt.checks.output import check_output_dir, cleanup_stale_runs, run_lock
     from snapopt.recipe import load_recipe
-    from snapopt.run import apply as run_apply
 
+    # everything that can be wrong with the input is found here, before the first stage prints
     resolved = load_recipe(recipe, {"model": model})
     out = out or Path("runs") / f"{resolved.recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    check_output_dir(out, overwrite=overwrite, expected_bytes=_expected_output_bytes(resolved))
+    with run_lock(out) as alone:
+        cleanup_stale_runs(out, alone=alone)
+        result = _run_with_progress(resolved, out, overwrite)
+    rep = result.report
+    summary = {
+        "run_folder": str(result.out_dir), "report": str(result.out_dir / "report.md"), "recipe": resolved.recipe.name,
+        "model": rep.get("model", {}).get("source"), "seconds": rep.get("seconds"),
+        "components": {comp: {"params_before": c["before"]["params"], "params_after": c["after"]["params"],
+                              "macs_before": c["before"]["macs"], "macs_after": c["after"]["macs"]}
+                       for comp, c in rep["components"].items()},
+        "passes": [{"pass": p["pass"], "modified": p["modified"], "seconds": p["seconds"]} for p in rep.get("passes", [])],
+        "exports": rep.get("exports"),
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table(title=f"snapopt apply {resolved.recipe.name}")
+    for col in ("component", "params before", "params after", "GMACs before", "GMACs after"):
+        table.add_column(col, justify="right" if col != "component" else "left")
+    for comp, c in summary["components"].items():
+        table.add_row(comp, f"{c['params_before']:,}", f"{c['params_after']:,}", f"{c['macs_before'] / 1e9:.2f}",
+                      f"{c['macs_after'] / 1e9:.2f}")
+    console.print(table)
+    console.print(f"run folder: {result.out_dir}  (report: {result.out_dir / 'report.md'})", markup=False, highlight=False)
+
+
+def _run_with_progress(resolved, out: Path, overwrite: bool):
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from snapopt.run import apply as run_apply
+
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
                   disable=not err_console.is_terminal) as progress:
         task = progress.add_task("starting", total=None)
@@ -59,16 +119,55 @@ def apply(
             if not err_console.is_terminal:
                 err_console.print(f"[snapopt] {msg}", markup=False, highlight=False)
 
-        result = run_apply(resolved, out, overwrite=overwrite, progress=say, argv=sys.argv)
-    rep = result.report
-    table = Table(title=f"snapopt apply {resolved.recipe.name}")
-    for col in ("component", "params before", "params after", "GMACs before", "GMACs after"):
-        table.add_column(col, justify="right" if col != "component" else "left")
-    for comp, c in rep["components"].items():
-        table.add_row(comp, f"{c['before']['params']:,}", f"{c['after']['params']:,}", f"{c['before']['macs'] / 1e9:.2f}",
-                      f"{c['after']['macs'] / 1e9:.2f}")
-    console.print(table)
-    console.print(f"run folder: {result.out_dir}  (report: {result.out_dir / 'report.md'})")
+        return run_apply(resolved, out, overwrite=overwrite, progress=say, argv=sys.argv)
+
+
+def _expected_output_bytes(resolved) -> int | None:
+    """Upper bound of what the run writes, from the input's weight bytes (files on disk, or a preset's
+    parameter count); None when unknown (uncached hub id)."""
+    from snapopt.checks.output import estimate_output_bytes
+
+    r = resolved.recipe
+    ref = r.model
+    nbytes = None
+    try:
+        if ref.startswith("arch:"):
+            from snapopt.models.presets import preset
+
+            nbytes = _preset_bytes(preset(ref[5:]))
+        else:
+            folder = Path(ref)
+            if ref.startswith("zoo:"):
+                from snapopt import zoo
+
+                folder = Path(zoo.zoo_path(ref[4:]))
+            if folder.is_dir():
+                nbytes = 0
+                for f in folder.rglob("*.safetensors"):
+                    from snapopt.checks.model import read_safetensors_header
+
+                    for meta in read_safetensors_header(f).values():
+                        n = 1
+                        for d in meta["shape"]:
+                            n *= d
+                        nbytes += 4 * n  # fp32, whatever the file's dtype
+    except (OSError, ValueError):
+        return None
+    if nbytes is None:
+        return None
+    return estimate_output_bytes(nbytes, save_model=r.output.save_model, dtype=r.output.dtype, coreml=r.export.coreml,
+                                 onnx=r.export.onnx, weight_bits=r.export.weight_bits)
+
+
+def _preset_bytes(spec) -> int | None:
+    """fp32 bytes of a preset, counted on the meta device (no memory, about a second for SD sizes)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        mods = [UNet2DConditionModel(**spec.unet), AutoencoderKL(**spec.vae), CLIPTextModel(CLIPTextConfig(**spec.text_encoder))]
+    return 4 * sum(p.numel() for m in mods for p in m.parameters())
 
 
 @app.command()
@@ -108,10 +207,20 @@ def inspect(
 
 
 @app.command("passes")
-def list_passes(verbose: bool = typer.Option(False, "--verbose", "-v", help="show each pass's options")):
+def list_passes(verbose: bool = typer.Option(False, "--verbose", "-v", help="show each pass's options"),
+                as_json: bool = typer.Option(False, "--json", help="print the passes and their options as JSON")):
     """List registered passes (built-ins and plugins) with one-line docs."""
     from snapopt.core.registry import PASSES
 
+    if as_json:
+        _print_json({
+            "passes": [{"name": name, "exact": cls.exact, "structural": cls.structural, "description": cls.summary(),
+                        "source": source, "options": [{"name": o, "type": t, "default": d, "description": desc}
+                                                      for o, t, d, desc in cls.option_docs()]}
+                       for name, cls, source in PASSES.items()],
+            "broken": [{"name": name, "error": why} for name, why in PASSES.broken().items()],
+        })
+        return
     t = Table(title="snapopt passes")
     for col in ("pass", "exact", "description", "source"):
         t.add_column(col)
@@ -126,17 +235,27 @@ def list_passes(verbose: bool = typer.Option(False, "--verbose", "-v", help="sho
 
 
 @app.command("targets")
-def list_targets():
+def list_targets(as_json: bool = typer.Option(False, "--json", help="print the targets as JSON")):
     """List registered targets (iPhones + deployment profiles) and where each came from."""
     from snapopt.devices.registry import TARGETS
 
-    t = Table(title="snapopt targets")
-    for col in ("id", "device", "chip", "ANE TOPS", "DRAM GB/s", "iOS", "profile", "source"):
-        t.add_column(col)
+    rows = []
     for tid, tgt, source in TARGETS.items():
         d = tgt.device
-        t.add_row(tid, d.name, d.chip.name, f"{d.chip.ane_tops:g} ({d.chip.ane_tops_precision})", f"{d.chip.memory_bandwidth_gbs:g}",
-                  d.ios, f"{tgt.profile.attention}, {tgt.profile.weight_bits}-bit, {tgt.profile.compute_units}", source)
+        rows.append({"id": tid, "device": d.name, "chip": d.chip.name, "ane_tops": d.chip.ane_tops,
+                     "ane_tops_precision": d.chip.ane_tops_precision, "dram_gbs": d.chip.memory_bandwidth_gbs, "ios": d.ios,
+                     "profile": {"attention": tgt.profile.attention, "weight_bits": tgt.profile.weight_bits,
+                                 "compute_units": tgt.profile.compute_units}, "source": source})
+    if as_json:
+        _print_json({"targets": rows})
+        return
+    t = Table(title="snapopt targets")
+    for col in ("id", "device", "chip", "ANE TOPS", "DRAM GB/s", "iOS", "profile", "source"):
+        t.add_column(col, no_wrap=col == "id")
+    for r in rows:
+        pr = r["profile"]
+        t.add_row(r["id"], r["device"], r["chip"], f"{r['ane_tops']:g} ({r['ane_tops_precision']})", f"{r['dram_gbs']:g}",
+                  r["ios"], f"{pr['attention']}, {pr['weight_bits']}-bit, {pr['compute_units']}", r["source"])
     console.print(t)
 
 
@@ -149,77 +268,150 @@ def export(
     target: str = typer.Option("iphone-14-pro", help="target whose iOS sets the Core ML deployment target"),
     resolution: Optional[int] = typer.Option(None),
     batch: int = typer.Option(2),
-    weight_bits: int = typer.Option(16, help="palettize Core ML weights to this many bits (<16)"),
+    weight_bits: int = typer.Option(16, help="16 for fp16 weights; 1-8 palettizes Core ML weights"),
+    as_json: bool = typer.Option(False, "--json", help="print the written files as JSON"),
 ):
     """Lower a model to Core ML packages (Apple's interface names) and/or checked ONNX, with no passes."""
+    from snapopt.checks.output import check_output_dir, cleanup_stale_runs, run_lock
     from snapopt.recipe import validate_recipe
-    from snapopt.run import apply as run_apply
 
-    formats = {f.strip() for f in fmt.split(",")}
+    formats = {f.strip() for f in fmt.split(",") if f.strip()}
     unknown = formats - {"coreml", "onnx"}
-    if unknown:
-        raise typer.BadParameter(f"unknown format '{unknown.pop()}'", param_hint="--format")
+    if unknown or not formats:
+        raise UsageError(f"--format: unknown format '{unknown.pop() if unknown else fmt}'; expected coreml, onnx or both")
     resolved = validate_recipe({
         "name": "export", "model": model, "resolution": resolution, "batch": batch, "targets": [target],
         "export": {"coreml": "coreml" in formats, "onnx": "onnx" in formats, "components": _components(component),
                    "weight_bits": weight_bits},
         "output": {"save_model": False},
     })
-    result = run_apply(resolved, out, progress=lambda m: err_console.print(f"[snapopt] {m}", markup=False, highlight=False), argv=sys.argv)
-    for e in result.report["exports"]["coreml"] + result.report["exports"]["onnx"]:
-        console.print(f"{e['file']}  {e['bytes'] / 1e6:.1f} MB")
+    check_output_dir(out, expected_bytes=_expected_output_bytes(resolved))
+    from snapopt.run import apply as run_apply
+
+    with run_lock(out) as alone:
+        cleanup_stale_runs(out, alone=alone)
+        result = run_apply(resolved, out, progress=lambda m: err_console.print(f"[snapopt] {m}", markup=False, highlight=False),
+                           argv=sys.argv)
+    files = result.report["exports"]["coreml"] + result.report["exports"]["onnx"]
+    if as_json:
+        _print_json({"out": str(result.out_dir), "exports": result.report["exports"]})
+        return
+    for e in files:
+        console.print(f"{e['file']}  {e['bytes'] / 1e6:.1f} MB", markup=False, highlight=False)
 
 
-def _register_optional_commands() -> None:
-    """Commands that live beside the feature they drive (latency with the cost models, eval with the zoo)."""
+# ---- commands that live beside the feature they drive, imported only when run -------------------------------
+#: name -> (module, attribute, kind, one-line help). "command": a typer function; "app": a typer sub-app.
+#: Listed in --help when the module is present; imported only when the command runs, so --help stays light.
+OPTIONAL_COMMANDS = {
+    "latency": ("snapopt.devices.cli", "latency_command", "command", "Predict per-block and total latency of a component on iPhones."),
+    "target": ("snapopt.devices.cli", "target_app", "app", "Work with targets: calibrate a cost model from measured latencies."),
+    "train": ("snapopt.train.cli", "train", "command",
+              "Run a training job (recovery, decoder or step distillation) from a spec; resumable, torchrun-ready."),
+    "eval": ("snapopt.zoo.cli", "eval_command", "command", "Evaluate a model: FID, CLIP score and attribute accuracy, with a sample grid."),
+    "generate": ("snapopt.generate", "generate_command", "command", "Generate images from a prompt with any model reference, run outputs included."),
+    "check": ("snapopt.lowering.cli", "check_app", "app", "Check exported Core ML / ONNX files against the model they came from."),
+}
+
+
+def _module_source(module: str) -> Path | None:
+    """The file of ``snapopt.x.y`` without importing it (importing a package runs its __init__, which may
+    import torch)."""
+    root = Path(__file__).resolve().parent
+    parts = module.split(".")[1:]
+    for cand in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _available(module: str, attr: str) -> bool:
+    src = _module_source(module)
     try:
-        from snapopt.devices.cli import latency_command, target_app
-    except ImportError:
-        pass
+        return src is not None and attr in src.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def _load_optional(name: str):
+    """The click command behind optional command ``name`` (imports its module now)."""
+    import importlib
+
+    from typer.main import get_command
+
+    module, attr, kind, help_text = OPTIONAL_COMMANDS[name]
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        from snapopt.errors import SnapoptError
+
+        raise SnapoptError(f"command '{name}' is unavailable: cannot import {module}.{attr} ({exc.__class__.__name__}: {exc})") from None
+    if kind == "app":
+        cmd = get_command(obj)
     else:
-        app.command("latency")(latency_command)
-        app.add_typer(target_app, name="target", help="Work with targets: calibrate a cost model from measured latencies.")
-    try:
-        from snapopt.train.cli import train as train_command
-    except ImportError:
-        pass
-    else:
-        app.command("train", help="Run a training job (recovery, decoder or step distillation) from a spec; resumable, torchrun-ready.")(train_command)
-    try:
-        from snapopt.zoo.cli import eval_command
-    except ImportError:
-        pass
-    else:
-        app.command("eval", help="Evaluate a model: FID, CLIP score and attribute accuracy, with a sample grid.")(eval_command)
+        sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+        sub.command(name, help=help_text if not obj.__doc__ else None)(obj)
+        cmd = get_command(sub)
+    cmd.name = name
+    if kind == "app" and not cmd.help:
+        cmd.help = help_text
+    return cmd
 
 
-_register_optional_commands()
+def _lazy_command(name: str, help_text: str):
+    import importlib
+
+    import typer.core
+
+    click = getattr(typer.core, "_click", None) or importlib.import_module("click")
+
+    class LazyCommand(click.Command):
+        """Stands in for the real command in the listing; the real one parses and runs."""
+
+        def __init__(self):
+            super().__init__(name, help=help_text, short_help=help_text, add_help_option=False)
+            self._real = None
+
+        def real(self):
+            if self._real is None:
+                self._real = _load_optional(self.name)
+            return self._real
+
+        def make_context(self, info_name, args, parent=None, **extra):
+            return self.real().make_context(info_name, args, parent=parent, **extra)
+
+        def invoke(self, ctx):
+            return self.real().invoke(ctx)
+
+        def main(self, *args, **kwargs):
+            return self.real().main(*args, **kwargs)
+
+        def format_options(self, ctx, formatter):
+            return self.real().format_options(ctx, formatter)
+
+        def _main_shell_completion(self, *args, **kwargs):
+            return self.real()._main_shell_completion(*args, **kwargs)
+
+    return LazyCommand()
 
 
-def main() -> None:
-    try:
-        app(standalone_mode=False)
-    except SnapoptError as exc:
-        if os.environ.get("SNAPOPT_DEBUG"):
-            raise
-        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors and the unexpected
-        import click
+def build_cli():
+    """The click command behind ``snapopt``: the commands above plus the optional ones present."""
+    from typer.main import get_command
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if os.environ.get("SNAPOPT_DEBUG"):
-            raise
-        err_console.print(f"internal error: {exc.__class__.__name__}: {exc} (set SNAPOPT_DEBUG=1 for the traceback)",
-                          markup=False, highlight=False, soft_wrap=True)
-        sys.exit(1)
+    cmd = get_command(app)
+    for name, (module, attr, _kind, help_text) in OPTIONAL_COMMANDS.items():
+        if _available(module, attr):
+            cmd.add_command(_lazy_command(name, help_text), name)
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the command, and exit with the status :func:`snapopt.errors.run_cli` decides."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    code = run_cli(lambda: build_cli().main(args=args, prog_name="snapopt", standalone_mode=False))
+    sys.stdout.flush()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -56,3 +56,97 @@ class LoweringError(SnapoptError):
     """Export to Core ML or ONNX failed."""
 
     exit_code = 4
+
+
+class Interrupted(SnapoptError):
+    """The user interrupted the run (Ctrl-C / SIGINT)."""
+
+    exit_code = 130
+
+
+# ---- the one exit-code discipline -----------------------------------------------------------------------
+#: every exit status a snapopt command can return, and what it means
+EXIT_CODES = {0: "success", 1: "internal error (a bug: set SNAPOPT_DEBUG=1 for the traceback)",
+              2: "bad input: recipe, argument, file, model reference or plugin", 3: "a pass failed (named)",
+              4: "lowering (Core ML / ONNX export) failed", 130: "interrupted (Ctrl-C)"}
+
+
+def _click_classes(name: str) -> tuple[type, ...]:
+    """``name`` from every click the installed typer may use: click itself, and typer>=0.26's vendored copy."""
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return "; ".join(lines) if lines else ""
+
+
+def run_cli(invoke, *, prog: str = "snapopt", echo=None) -> int:
+    """Run ``invoke()`` (a click/typer command's ``main(..., standalone_mode=False)``) and map whatever
+    happens to one exit status and at most one line on stderr. This is the only place exit codes are
+    decided: 0 success · 1 internal · 2 bad input (incl. every click usage error) · 3 pass · 4 lowering ·
+    130 interrupted. A command's integer return value is its exit status (never dropped)."""
+    import os
+    import sys
+
+    say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    debug = bool(os.environ.get("SNAPOPT_DEBUG"))
+    try:
+        rv = invoke()
+    except SnapoptError as exc:
+        if debug:
+            raise
+        say(f"error: {_one_line(exc)}" if exc.exit_code != 130 else f"interrupted: {_one_line(exc)}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        say("interrupted (Ctrl-C)")
+        return 130
+    except BrokenPipeError:  # `snapopt passes | head`: the reader left; not an error worth a message
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 141
+    except SystemExit as exc:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code
+        say(f"error: {_one_line(code)}")
+        return 1
+    except Exception as exc:
+        if isinstance(exc, _click_classes("Exit")):
+            rv = getattr(exc, "exit_code", 0)
+        elif isinstance(exc, _click_classes("Abort")):  # click turns Ctrl-C / EOF on a prompt into Abort
+            say("interrupted (Ctrl-C)")
+            return 130
+        elif isinstance(exc, _click_classes("NoArgsIsHelpError")):  # bare `snapopt`: help, then click's usage status
+            exc.show()
+            return 2
+        elif isinstance(exc, _click_classes("ClickException")):
+            message = _one_line(exc.format_message())
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            say(f"error: {message}{hint}")
+            return 2  # every click error is about the command line: bad input
+        else:
+            if debug:
+                raise
+            say(f"internal error: {exc.__class__.__name__}: {_one_line(exc)} (set SNAPOPT_DEBUG=1 for the traceback)")
+            return 1
+    if isinstance(rv, int) and not isinstance(rv, bool):
+        if rv == 130:
+            say("interrupted (Ctrl-C)")
+        return rv
+    return 0

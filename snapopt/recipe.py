@@ -9,10 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from snapopt.devices.target import format_validation_error
 from snapopt.errors import RecipeError, SnapoptError
 from snapopt.lowering.spec import ExportSpec
 
@@ -30,7 +28,8 @@ class PassStep(_Strict):
 
 class VerifySpec(_Strict):
     enabled: bool = True
-    tolerance: float = Field(1e-4, gt=0)
+    # finite and at most 1: a relative error above 1 (or inf) would switch the exactness check off
+    tolerance: float = Field(1e-4, gt=0, le=1.0, allow_inf_nan=False)
 
 
 class OutputSpec(_Strict):
@@ -38,16 +37,23 @@ class OutputSpec(_Strict):
     dtype: Literal["float32", "float16"] = "float32"
 
 
+#: bounds: far beyond any real recipe, small enough that nothing downstream overflows or allocates terabytes
+MAX_RESOLUTION = 4096
+MAX_BATCH = 64
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch accepts it too
+WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+
+
 class Recipe(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    description: str = ""
-    model: str = "zoo:snapshapes"
-    resolution: int | None = Field(None, gt=0, multiple_of=8, description="image side; default: the model's")
-    batch: int = Field(2, ge=1, description="UNet batch; 2 under classifier-free guidance")
-    seed: int = 0
-    plugins: list[str] = Field(default_factory=list, description="pass files or modules to register")
-    passes: list[PassStep] = Field(default_factory=list)
-    targets: list[str] = Field(default_factory=lambda: ["iphone-14-pro"])
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    description: str = Field("", max_length=10_000)
+    model: str = Field("zoo:snapshapes", min_length=1, max_length=1024)
+    resolution: int | None = Field(None, gt=0, le=MAX_RESOLUTION, multiple_of=8, description="image side; default: the model's")
+    batch: int = Field(2, ge=1, le=MAX_BATCH, description="UNet batch; 2 under classifier-free guidance")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    plugins: list[str] = Field(default_factory=list, max_length=32, description="pass files or modules to register")
+    passes: list[PassStep] = Field(default_factory=list, max_length=200)
+    targets: list[str] = Field(default_factory=lambda: ["iphone-14-pro"], max_length=32)
     export: ExportSpec = Field(default_factory=ExportSpec)
     verify: VerifySpec = Field(default_factory=VerifySpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
@@ -69,17 +75,16 @@ class ResolvedRecipe:
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> ResolvedRecipe:
+    """Read (strict UTF-8 YAML: no duplicate keys, bounded size and depth), apply CLI overrides, validate."""
+    from snapopt.checks.files import load_yaml_file
+
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe '{path}' not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc.__class__.__name__)})") from None
+    data = load_yaml_file(path, "recipe")
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a mapping at the top level")
+        raise RecipeError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    bad_key = next((k for k in data if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise RecipeError(f"{path}: key {str(bad_key)[:40]!r} is not a string")
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -90,15 +95,39 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     return validate_recipe(data, path)
 
 
-def validate_recipe(data: dict[str, Any], path: Path | None = None) -> ResolvedRecipe:
+def format_validation_error(exc: ValidationError) -> str:
+    """The first error as ``field.path: message (got value)``, one line, the value cut to 60 characters."""
+    errors = exc.errors()
+    # a misspelt key also makes the intended one "missing": name the misspelling first
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+    msg = " ".join(str(err["msg"]).split())
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    value = err.get("input")
+    shown = ""
+    if err["type"] not in ("missing", "extra_forbidden") and not isinstance(value, (dict, list)):
+        r = repr(value)
+        shown = f" (got {r if len(r) <= 60 else r[:59] + '…'})"
+    loc = loc if len(loc) <= 120 else loc[:119] + "…"
+    return f"{loc or '<root>'}: {msg}{shown}"
+
+
+def validate_recipe(data: dict[str, Any], path: Path | None = None, *, check_model: bool = True) -> ResolvedRecipe:
+    """Validate everything a run will use before anything runs: fields and bounds, plugins, every pass's
+    options, targets, the export section, and the model reference with its files (see snapopt.checks.model)."""
     from snapopt.core.registry import PASSES
     from snapopt.devices.registry import TARGETS
 
     where = f"{path}: " if path else "recipe: "
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}expected a mapping at the top level, got {type(data).__name__}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(where + format_validation_error(exc)) from None
+    if recipe.export.weight_bits not in WEIGHT_BITS:
+        raise RecipeError(f"{where}export.weight_bits: must be 16 (fp16) or 1-8 (palettized), got {recipe.export.weight_bits}")
     base = path.parent if path else Path.cwd()
     for i, spec in enumerate(recipe.plugins):
         try:
@@ -115,6 +144,11 @@ def validate_recipe(data: dict[str, Any], path: Path | None = None) -> ResolvedR
             passes.append(cls(cls.Options.model_validate(step.options)))
         except ValidationError as exc:
             raise RecipeError(f"{where}passes[{i}].options.{format_validation_error(exc)}") from None
+        except SnapoptError as exc:
+            raise RecipeError(f"{where}passes[{i}].options: {exc}") from None
+        except Exception as exc:  # a plugin's option validator that raises something other than ValueError
+            raise RecipeError(f"{where}passes[{i}].options: pass '{step.pass_}' rejected its options: "
+                              f"{exc.__class__.__name__}: {str(exc)[:200]}") from None
     targets = []
     for i, ref in enumerate(recipe.targets):
         try:
@@ -122,29 +156,19 @@ def validate_recipe(data: dict[str, Any], path: Path | None = None) -> ResolvedR
             targets.append(TARGETS.resolve(str(base / ref) if is_file and not Path(ref).is_absolute() else ref))  # files: relative to the recipe
         except SnapoptError as exc:
             raise RecipeError(f"{where}targets[{i}]: {exc}") from None
-    try:
-        check_model_ref(recipe.model, base)
-    except SnapoptError as exc:
-        raise RecipeError(f"{where}model: {exc}") from None
+        except OSError as exc:
+            raise RecipeError(f"{where}targets[{i}]: cannot read '{ref[:80]}': {exc.strerror or exc.__class__.__name__}") from None
+    if check_model:
+        try:
+            check_model_ref(recipe.model, base)
+        except SnapoptError as exc:
+            raise RecipeError(f"{where}model: {exc}") from None
     return ResolvedRecipe(recipe, path, passes, targets)
 
 
 def check_model_ref(ref: str, base: Path | None = None) -> None:
-    """Cheap validation of a model reference, without loading weights."""
-    from snapopt.errors import ModelRefError
-    from snapopt.models.loading import _looks_like_hub_id
-    from snapopt.models.presets import preset
+    """The model reference and every file a load of it reads (configs typed, safetensors intact and
+    complete, weights finite, tokenizer present); a hub id must be cached or the hub reachable."""
+    from snapopt.checks.model import check_model_reference
 
-    if ref.startswith("arch:"):
-        preset(ref[5:])
-    elif ref.startswith("zoo:"):
-        from snapopt import zoo
-
-        try:
-            zoo.zoo_path(ref[4:])
-        except ValueError as exc:
-            raise ModelRefError(str(exc)) from None
-    elif Path(ref).expanduser().exists():
-        return
-    elif not _looks_like_hub_id(ref):
-        raise ModelRefError(f"'{ref}' is neither an existing folder, 'arch:<preset>', 'zoo:<name>' nor a hub id 'org/name'")
+    check_model_reference(ref, base)

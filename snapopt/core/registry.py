@@ -32,11 +32,14 @@ class PassRegistry:
 
     # -- registration -----------------------------------------------------------------------------------
     def register(self, cls: object, source: str) -> type[Pass]:
-        """Validate and add a pass class; ``source`` says where it came from (for messages and listings)."""
+        """Validate and add a pass class; ``source`` says where it came from (for messages and listings).
+        Built-ins are registered first (see :meth:`load_entry_points`), so no plugin can take their names."""
         validate_pass_class(cls, source)
         existing = self._passes.get(cls.name)
         if existing is not None and existing is not cls:
-            raise PluginError(f"pass name '{cls.name}' from {source} is already registered by {self._sources[cls.name]}")
+            kind = "built-in pass" if self._sources[cls.name].endswith("(snapopt)") else "pass"
+            raise PluginError(f"pass plugin from {source} uses the name '{cls.name}' of the {kind} registered by "
+                              f"{self._sources[cls.name]}; rename it")
         self._passes[cls.name] = cls
         self._sources[cls.name] = source
         return cls
@@ -47,7 +50,9 @@ class PassRegistry:
         self._loaded_entry_points = True
         # A broken plugin is rejected by name; it must not take the other passes down with it, so the
         # error is kept and raised when (and only when) that pass is asked for.
-        for ep in entry_points(group=PASS_GROUP):
+        # snapopt's own entry points first: a third-party plugin cannot take a built-in's name
+        eps = sorted(entry_points(group=PASS_GROUP), key=lambda ep: (not _is_builtin(ep), ep.name))
+        for ep in eps:
             source = f"entry point '{ep.name} = {ep.value}' ({ep.dist.name if ep.dist else 'unknown dist'})"
             try:
                 cls = ep.load()
@@ -56,25 +61,32 @@ class PassRegistry:
                 self.register(cls, source)
             except PluginError as exc:
                 self._broken[ep.name] = str(exc)
-            except Exception as exc:
+            except BaseException as exc:  # noqa: BLE001 - a plugin raising SystemExit/KeyboardInterrupt on import is broken, not fatal
                 self._broken[ep.name] = f"cannot load pass plugin {source}: {exc.__class__.__name__}: {exc}"
 
     def load_spec(self, spec: str, base_dir: Path | None = None) -> type[Pass]:
         """Register passes from ``module:Class``, ``file.py``, or ``file.py:Class``; return the pass named."""
+        self.load_entry_points()  # built-ins first, always
         path_part, _, attr = spec.partition(":") if not _is_windows_path(spec) else (spec, "", "")
         if path_part.endswith(".py"):
             path = Path(path_part)
             if not path.is_absolute() and base_dir is not None:
                 path = base_dir / path
-            if not path.is_file():
-                raise PluginError(f"pass file '{path_part}' not found")
+            try:
+                found_file = path.is_file()
+            except OSError as exc:
+                raise PluginError(f"pass file '{path_part[:80]}': {exc.strerror or exc.__class__.__name__}") from None
+            if not found_file:
+                raise PluginError(f"pass file '{path_part[:200]}' not found")
             module = _import_file(path)
             source = f"file {path_part}"
         else:
+            if not path_part or not all(p.isidentifier() for p in path_part.split(".")):
+                raise PluginError(f"'{spec[:80]}' is neither 'module:Class' nor a .py file")
             try:
                 module = importlib.import_module(path_part)
-            except Exception as exc:
-                raise PluginError(f"cannot import pass module '{path_part}': {exc}") from None
+            except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt from a plugin's import is a bad plugin
+                raise PluginError(f"cannot import pass module '{path_part}': {exc.__class__.__name__}: {exc}") from None
             source = f"module {spec}"
         if attr:
             cls = getattr(module, attr, None)
@@ -138,10 +150,14 @@ def _import_file(path: Path):
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt from a plugin's import is a bad plugin
         del sys.modules[name]
         raise PluginError(f"cannot import pass file '{path}': {exc.__class__.__name__}: {exc}") from None
     return module
+
+
+def _is_builtin(ep) -> bool:
+    return bool(ep.dist and ep.dist.name == "snapopt")
 
 
 def _is_windows_path(spec: str) -> bool:

@@ -59,16 +59,11 @@ def run_spec(spec_path: Path, out: Path, *, resume: bool = False, steps: int | N
 def train(spec: Path = typer.Argument(..., help="job spec (YAML or JSON)"),
           out: Path = typer.Option(..., "--out", "-o", help="folder for checkpoints, logs, model and result.json"),
           resume: bool = typer.Option(False, help="continue from the latest checkpoint in --out"),
-          steps: Optional[int] = typer.Option(None, help="override train.steps"),
+          steps: Optional[int] = typer.Option(None, min=1, max=10_000_000, help="override train.steps"),
           device: Optional[str] = typer.Option(None, help="override train.device")):
     """Run one training job."""
-    from snapopt.errors import SnapoptError
-
-    try:
-        stats = run_spec(spec, out, resume=resume, steps=steps, device=device)
-    except SnapoptError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code)
+    check_inputs(spec, out, resume=resume)
+    stats = run_spec(spec, out, resume=resume, steps=steps, device=device)
     import torch.distributed as tdist
 
     if not tdist.is_initialized() or tdist.get_rank() == 0:
@@ -77,5 +72,40 @@ def train(spec: Path = typer.Argument(..., help="job spec (YAML or JSON)"),
         tdist.destroy_process_group()
 
 
+def check_inputs(spec: Path, out: Path, *, resume: bool = False) -> None:
+    """Before anything loads: the spec is readable UTF-8 YAML/JSON (no duplicate keys, bounded), its model
+    reference and files are sane, and --out can be written. Errors are UsageError (exit 2), one line."""
+    from snapopt.checks.files import load_json_file, load_yaml_file
+    from snapopt.checks.model import check_model_reference
+    from snapopt.checks.output import check_output_dir
+    from snapopt.errors import UsageError
+
+    spec = Path(spec)
+    data = load_json_file(spec, "spec") if spec.suffix == ".json" else load_yaml_file(spec, "spec")
+    if not isinstance(data, dict):
+        raise UsageError(f"spec '{spec}': expected a mapping at the top level, got {type(data).__name__}")
+    model = data.get("model")
+    if isinstance(model, str):
+        try:
+            check_model_reference(model)
+        except UsageError as exc:
+            raise UsageError(f"spec '{spec}': model: {exc}") from None
+    out = Path(out)
+    if out.is_dir() and (resume or not any(out.iterdir())):
+        check_output_dir(out, overwrite=True)  # continuing (or filling an empty folder): it must be writable
+    elif out.exists() and not out.is_dir():
+        raise UsageError(f"--out '{out}' is a file, not a folder")
+    elif not out.exists():
+        check_output_dir(out)
+
+
 def main(argv: list[str] | None = None) -> None:
-    app(args=argv if argv is not None else sys.argv[1:], standalone_mode=True)
+    """``python -m snapopt.train``: the same exit-code discipline as ``snapopt`` (snapopt.errors.run_cli)."""
+    from typer.main import get_command
+
+    from snapopt.errors import run_cli
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    code = run_cli(lambda: get_command(app).main(args=args, prog_name="python -m snapopt.train", standalone_mode=False))
+    sys.stdout.flush()
+    sys.exit(code)
