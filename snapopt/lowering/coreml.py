@@ -56,13 +56,17 @@ def _strip_aliases(ep: torch.export.ExportedProgram) -> torch.export.ExportedPro
 
 
 def convert_component(pipe: Pipeline, component: str, shapes: Shapes, *, deployment_target=None,
-                      weight_bits: int = 16, compute_units: str = "CPU_AND_NE"):
-    """Return the converted ``ct.models.MLModel`` (not yet saved)."""
+                      weight_bits: int = 16, compute_units: str = "CPU_AND_NE", io=None,
+                      compression: dict[str, Any] | None = None):
+    """Return the converted ``ct.models.MLModel`` (not yet saved), with Apple's Swift interface
+    (:func:`snapopt.lowering.apple.apple_io`): fp16 UNet/VAE inputs, float32 ``input_ids``, fp32 outputs."""
+    from snapopt.lowering.apple import apple_io
+
     ct = import_coremltools()
     if pipe.structure_only:
         raise LoweringError(f"cannot lower '{component}' of a structure-only model: load it with weights")
     target = deployment_target or ct.target.iOS16
-    io = component_io(pipe, component, shapes)
+    io = io or apple_io(pipe, component, shapes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = _strip_aliases(export_component(io).run_decompositions({}))
@@ -71,24 +75,32 @@ def convert_component(pipe: Pipeline, component: str, shapes: Shapes, *, deploym
     for name, t in zip(io.input_names, io.example_inputs):
         if t.dtype in (torch.int32, torch.int64):
             dtype = np.int32
+        elif name == "input_ids":
+            dtype = np.float32  # Swift sends Float32 ids; Apple's converter declares them so
         else:
             dtype = np.float16 if fp16_io else np.float32
         inputs.append(ct.TensorType(name=name, shape=tuple(t.shape), dtype=dtype))
-    outputs = [ct.TensorType(name=n, dtype=np.float16 if fp16_io else np.float32) for n in io.output_names]
+    outputs = [ct.TensorType(name=n, dtype=np.float32) for n in io.output_names]
     try:
         with warnings.catch_warnings(), _silenced():
             warnings.simplefilter("ignore")
             model = ct.convert(
                 ep, inputs=inputs, outputs=outputs, convert_to="mlprogram", minimum_deployment_target=target,
                 compute_precision=ct.precision.FLOAT16, compute_units=getattr(ct.ComputeUnit, compute_units),
-                skip_model_load=True,
+                skip_model_load=True, pass_pipeline=_pass_pipeline(ct, component),
             )
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise LoweringError(f"Core ML conversion of '{component}' failed: {first}") from exc
-    if weight_bits < 16:
-        with _silenced():
-            model = palettize(model, weight_bits)
+    compression = compression or ({"scheme": "palettize", "bits": weight_bits} if weight_bits < 16 else {"scheme": "fp16", "bits": 16})
+    if compression["scheme"] != "fp16":
+        try:
+            with _silenced(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = compress(model, compression)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise LoweringError(f"compressing '{component}' ({compression['scheme']}) failed: {first}") from exc
     import snapopt
 
     model.author = "snapopt"
@@ -98,45 +110,83 @@ def convert_component(pipe: Pipeline, component: str, shapes: Shapes, *, deploym
     return model
 
 
-def palettize(model, bits: int):
-    """Palettize weights to ``bits`` (k-means LUT): what lets a full UNet fit iOS's per-model size limit."""
+def _pass_pipeline(ct, component: str):
+    """coremltools' default passes, except that token ids must not go through int16.
+
+    For iOS 17+ ``common::add_int16_cast`` casts the float32 ids to int16 before the embedding gather:
+    CLIP's ids reach 49407, past int16's 32767, so they would wrap to wrong embeddings."""
+    pipeline = ct.PassPipeline.DEFAULT
+    if component == "text_encoder":
+        pipeline.remove_passes(["common::add_int16_cast"])
+    return pipeline
+
+
+def palettize(model, bits: int, group_size: int = 0):
+    """Palettize weights to ``bits`` (k-means LUT): what lets a full UNet fit iOS's per-model size limit.
+    ``group_size`` > 0 gives one LUT per that many output channels (needs iOS 18)."""
     import coremltools.optimize.coreml as cto
 
-    config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(nbits=bits, mode="kmeans", weight_threshold=2048))
-    return cto.palettize_weights(model, config)
+    if group_size:
+        op = cto.OpPalettizerConfig(nbits=bits, mode="kmeans", granularity="per_grouped_channel", group_size=group_size,
+                                    weight_threshold=2048)
+    else:
+        op = cto.OpPalettizerConfig(nbits=bits, mode="kmeans", weight_threshold=2048)
+    return cto.palettize_weights(model, cto.OptimizationConfig(global_config=op))
+
+
+def quantize_int8(model):
+    """Linear symmetric int8 weights, one scale per output channel (iOS 16+; dequantized to fp16 at load unless
+    the chip computes int8)."""
+    import coremltools.optimize.coreml as cto
+
+    op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=2048)
+    return cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=op))
+
+
+def compress(model, compression: dict[str, Any]):
+    """Apply :func:`snapopt.lowering.export.compression_plan`'s choice to a converted model."""
+    scheme = compression["scheme"]
+    if scheme == "int8":
+        return quantize_int8(model)
+    if scheme.startswith("palettize"):
+        return palettize(model, compression["bits"], compression.get("group_size", 0))
+    raise LoweringError(f"unknown compression scheme '{scheme}'")
+
+
+#: Core ML ArrayFeatureType data types (``FeatureTypes.proto``).
+DTYPES = {65552: "float16", 65568: "float32", 65600: "float64", 131104: "int32", 131080: "int8"}
 
 
 def interface_of(path: Path) -> dict[str, Any]:
     """Input/output names, shapes and types read back from a saved package's spec."""
     ct = import_coremltools()
     spec = ct.utils.load_spec(str(path))
+    return interface_of_spec(spec)
+
+
+def interface_of_spec(spec) -> dict[str, Any]:
     def desc(features):
         out = {}
         for f in features:
             arr = f.type.multiArrayType
-            dtype = {65552: "float16", 65568: "float32", 131104: "int32"}.get(arr.dataType, str(arr.dataType))
+            dtype = DTYPES.get(arr.dataType, str(arr.dataType))
             out[f.name] = {"shape": [int(s) for s in arr.shape], "dtype": dtype}
         return out
     return {"inputs": desc(spec.description.input), "outputs": desc(spec.description.output),
             "specification_version": spec.specificationVersion}
 
 
-def lower_component(pipe: Pipeline, component: str, shapes: Shapes, out_dir: Path, **kw) -> dict[str, Any]:
-    """Convert and save ``<out_dir>/<PackageName>.mlpackage``; return what the report needs."""
+def package_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def lower_component(pipe: Pipeline, component: str, shapes: Shapes, out_dir: Path, *, name: str | None = None,
+                    **kw) -> dict[str, Any]:
+    """Convert and save ``<out_dir>/<name or PackageName>.mlpackage``; return what the report needs."""
     from snapopt.lowering.interfaces import PACKAGE_NAMES
 
     model = convert_component(pipe, component, shapes, **kw)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{PACKAGE_NAMES[component]}.mlpackage"
+    path = out_dir / f"{name or PACKAGE_NAMES[component]}.mlpackage"
     model.save(str(path))
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return {"component": component, "path": str(path), "bytes": size, **interface_of(path)}
-
-
-def write_tokenizer_resources(pipe: Pipeline, out_dir: Path) -> list[str]:
-    """``vocab.json`` and ``merges.txt`` beside the packages, as Apple's Swift pipeline expects."""
-    if pipe.tokenizer is None:
-        return []
-    from snapopt.models.tokenizer import write_bpe_files
-
-    return write_bpe_files(pipe.tokenizer, out_dir)
+    return {"component": component, "package": path.stem, "path": str(path), "bytes": package_bytes(path), **interface_of(path)}

@@ -1,4 +1,10 @@
-"""Lower a pipeline's components for the recipe's targets: Core ML packages (Apple's interface) and checked ONNX."""
+"""Lower a pipeline's components for the recipe's targets: Core ML packages laid out as Apple's Swift pipeline
+reads them (checked by :mod:`snapopt.lowering.apple_check`) and checked ONNX.
+
+The Core ML folder is a Swift resources folder: ``Unet`` (or ``UnetChunk1``/``UnetChunk2`` when the target's
+per-model limit requires), ``TextEncoder``, ``VAEDecoder``, optional ``VAEEncoder``, ``vocab.json``,
+``merges.txt``, ``snapopt-apple.json`` (what an app must set) and ``README.txt`` (how to compile on a Mac).
+"""
 
 from __future__ import annotations
 
@@ -8,28 +14,154 @@ from typing import Any
 from snapopt.lowering.interfaces import Shapes
 
 
+def compression_plan(spec, targets) -> dict[str, Any]:
+    """Which weight compression the Core ML packages get, and why (explicit recipe bits win over the target)."""
+    bits = spec.weight_bits
+    source = "recipe export.weight_bits"
+    if spec.compression == "auto" and bits == 16 and targets:
+        bits = min(t.profile.weight_bits for t in targets)
+        source = "target profile weight_bits"
+    if spec.compression == "none":
+        return {"scheme": "fp16", "bits": 16, "source": "recipe export.compression"}
+    if spec.compression == "int8":
+        return {"scheme": "int8", "bits": 8, "source": "recipe export.compression"}
+    if bits >= 16:
+        return {"scheme": "fp16", "bits": 16, "source": source}
+    scheme = "palettize" if spec.palettize_group_size == 0 else f"palettize_g{spec.palettize_group_size}"
+    return {"scheme": scheme, "bits": bits, "group_size": spec.palettize_group_size, "source": source}
+
+
+def describe_compression(comp: dict[str, Any]) -> str:
+    if comp["scheme"] == "fp16":
+        return f"fp16; {comp['source']}"
+    return f"{comp['scheme']} {comp['bits']}-bit; {comp['source']}"
+
+
+def per_model_limit_mb(targets) -> float | None:
+    return min((t.device.max_weights_per_model_mb for t in targets), default=None)
+
+
+def should_chunk(spec, unet, bits: int, targets) -> tuple[bool, str]:
+    from snapopt.lowering.chunking import weight_bytes
+
+    size = weight_bytes(unet, bits)
+    limit = per_model_limit_mb(targets)
+    if spec.chunk_unet is True:
+        return True, "recipe export.chunk_unet: true"
+    if spec.chunk_unet is False:
+        return False, "recipe export.chunk_unet: false"
+    if limit is None:
+        return False, "no target"
+    over = size > limit * 1e6
+    return over, f"UNet weights {size / 1e6:.1f} MB at {bits} bits {'>' if over else '≤'} {limit:g} MB per-model limit"
+
+
+def chunk_lines(info: dict[str, Any] | None) -> list[str]:
+    if not info:
+        return []
+    if not info["chunked"]:
+        return [f"- UNet not chunked: {info['reason']}."]
+    line = (f"- UNet chunked ({info['reason']}): cut before `{info['cut_before']}`, {info['params'][0]:,} + {info['params'][1]:,} "
+            f"parameters; chunk1∘chunk2 vs UNet in torch: rel err {info['torch_compose_relative_error']:.1e}")
+    if "onnxruntime_compose_relative_error" in info:
+        line += f", in ONNX Runtime: {info['onnxruntime_compose_relative_error']:.1e}"
+    return [line + "."]
+
+
 def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[str, Any]:
-    from snapopt.lowering import coreml, onnx
+    from snapopt.lowering import apple, coreml, onnx
+    from snapopt.lowering.interfaces import PACKAGE_NAMES
 
     spec = resolved.recipe.export
     wanted = [c for c in spec.components if c in pipe.components()]
-    result: dict[str, Any] = {"coreml": [], "onnx": [], "resources": []}
+    result: dict[str, Any] = {"coreml": [], "onnx": [], "resources": [], "sections": []}
+    targets = list(resolved.targets)
+    chunked, plan = False, None
+    if "unet" in wanted and (spec.coreml or spec.onnx):
+        comp = compression_plan(spec, targets)
+        chunked, why = should_chunk(spec, pipe.unet, comp["bits"], targets)
+        result["unet_chunking"] = {"chunked": chunked, "reason": why}
+        if chunked:
+            from snapopt.lowering.chunking import compose_error, plan_chunks
+
+            with stage("plan UNet chunks"):
+                plan = plan_chunks(pipe, shapes, io_fn=apple.apple_io)
+                result["unet_chunking"].update(cut_before=plan.stage, params=list(plan.params),
+                                               torch_compose_relative_error=compose_error(pipe, plan, shapes))
     if spec.coreml and wanted:
-        target = min(resolved.targets, key=lambda t: t.ios_major) if resolved.targets else None
+        target = min(targets, key=lambda t: t.ios_major) if targets else None
         deployment = target.coreml_deployment_target() if target else None
         result["coreml_deployment_target"] = deployment.name if deployment is not None else "iOS16"
+        comp = compression_plan(spec, targets)
+        result["compression"] = comp
         res = folder / "coreml"
-        for comp in wanted:
-            with stage(f"lower {comp} to Core ML"):
-                info = coreml.lower_component(pipe, comp, shapes, res, deployment_target=deployment, weight_bits=spec.weight_bits,
-                                              compute_units=target.profile.compute_units if target else "CPU_AND_NE")
-                info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
-                result["coreml"].append(info)
-        result["resources"] = coreml.write_tokenizer_resources(pipe, res)
+        kw = dict(deployment_target=deployment, compression=comp,
+                  compute_units=target.profile.compute_units if target else "CPU_AND_NE")
+        for c in wanted:
+            jobs = [(PACKAGE_NAMES[c], None)]
+            if c == "unet" and plan is not None:
+                from snapopt.lowering.chunking import CHUNK_NAMES
+
+                jobs = list(zip(CHUNK_NAMES, plan.io))
+            for name, io in jobs:
+                with stage(f"lower {name} to Core ML"):
+                    info = coreml.lower_component(pipe, c, shapes, res, name=name, io=io, **kw)
+                    info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
+                    result["coreml"].append(info)
+        if pipe.tokenizer is not None:
+            from snapopt.lowering.swift_tokenizer import probe_prompts, write_swift_tokenizer
+
+            with stage("write Swift tokenizer resources"):
+                tok = write_swift_tokenizer(pipe.tokenizer, res, probe_prompts(pipe))
+            result["resources"] = ["vocab.json", "merges.txt"]
+        else:
+            tok = None
+        settings = apple.app_settings(pipe, tok, shapes.batch)
+        unet_files = [e["package"] for e in result["coreml"] if e["component"] == "unet"]
+        lines = apple.app_lines(settings, tok, unet_files)
+        meta = {"format": "snapopt-apple/1", "source": pipe.source, "app": settings, "tokenizer": tok,
+                "text_vocab_size": int(pipe.text_encoder.config.vocab_size) if pipe.text_encoder is not None else None,
+                "compression": comp, "unet_chunking": result.get("unet_chunking"),
+                "packages": {e["package"]: {k: e[k] for k in ("component", "inputs", "outputs", "bytes")} for e in result["coreml"]}}
+        apple.write_metadata(res, meta)
+        apple.write_readme(res, settings, lines)
+        result["resources"] += [apple.METADATA_FILE, apple.README_FILE]
+        result["apple"] = {k: v for k, v in meta.items() if k not in ("packages", "tokenizer")}
+        if tok is not None:
+            result["apple"]["tokenizer"] = {k: v for k, v in tok.items() if k != "expected"}
+        total = sum(e["bytes"] for e in result["coreml"])
+        result["sections"].append({"title": "Apple Swift pipeline", "lines": [
+            f"Core ML resources folder `{res.relative_to(folder.parent)}` ({total / 1e6:.1f} MB, "
+            f"weights {describe_compression(comp)}). "
+            "What an app using Apple's ml-stable-diffusion must set:", "", *lines, *chunk_lines(result.get("unet_chunking"))]})
+        if spec.apple_check:
+            from snapopt.lowering.apple_check import check_apple
+
+            with stage("check the export against Apple's Swift pipeline"):
+                problems, notes = check_apple(res)
+            result["apple_check"] = {"passed": not problems, "problems": problems, "notes": notes}
+            result["sections"][-1]["lines"] += ["", f"`snapopt check apple`: {'passed' if not problems else 'FAILED'} "
+                                                f"({len(notes)} checks)" + "".join(f"\n- {p}" for p in problems)]
+            if problems:
+                from snapopt.errors import LoweringError
+
+                raise LoweringError(f"the Core ML export does not conform to Apple's Swift pipeline: {problems[0]}")
     if spec.onnx and wanted:
-        for comp in wanted:
-            with stage(f"export {comp} to ONNX"):
-                info = onnx.export_onnx(pipe, comp, shapes, folder / "onnx", check=spec.onnx_check)
-                info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
-                result["onnx"].append(info)
+        for c in wanted:
+            jobs = [(None, None)]
+            if c == "unet" and plan is not None:
+                from snapopt.lowering.chunking import CHUNK_NAMES
+
+                jobs = list(zip(CHUNK_NAMES, plan.io))
+            for name, io in jobs:
+                with stage(f"export {name or c} to ONNX"):
+                    info = onnx.export_onnx(pipe, c, shapes, folder / "onnx", check=spec.onnx_check, io=io, name=name)
+                    info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
+                    result["onnx"].append(info)
+        if plan is not None and spec.onnx_check:
+            from snapopt.lowering.chunking import onnx_compose_error
+
+            with stage("check UNet chunks composed in ONNX Runtime"):
+                err = onnx_compose_error(pipe, shapes, folder / "onnx")
+            result["unet_chunking"]["onnxruntime_compose_relative_error"] = err
     return result

@@ -11,21 +11,25 @@ import numpy as np
 import torch
 
 from snapopt.errors import LoweringError
-from snapopt.lowering.interfaces import Shapes, component_io
+from snapopt.lowering.interfaces import Shapes
 from snapopt.models.pipeline import Pipeline
 
 _PROTOBUF_LIMIT = 2 * 1024**3
 
 
 def export_onnx(pipe: Pipeline, component: str, shapes: Shapes, out_dir: Path, *, simplify: bool = True,
-                check: bool = True) -> dict[str, Any]:
+                check: bool = True, io=None, name: str | None = None) -> dict[str, Any]:
+    """Export ``component`` with the interface the Core ML package has (:func:`snapopt.lowering.apple.apple_io`),
+    so ONNX Runtime checks the same graph the phone runs; ``io``/``name`` export a UNet chunk instead."""
     import onnx
+
+    from snapopt.lowering.apple import apple_io
 
     if pipe.structure_only:
         raise LoweringError(f"cannot export '{component}' of a structure-only model to ONNX: load it with weights")
-    io = component_io(pipe, component, shapes)
+    io = io or apple_io(pipe, component, shapes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{io.package_name}.onnx"
+    path = out_dir / f"{name or io.package_name}.onnx"
     big = sum(p.numel() * 4 for p in io.module.parameters()) >= _PROTOBUF_LIMIT
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
@@ -37,7 +41,7 @@ def export_onnx(pipe: Pipeline, component: str, shapes: Shapes, out_dir: Path, *
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise LoweringError(f"ONNX export of '{component}' failed: {first}") from exc
-    info: dict[str, Any] = {"component": component, "path": str(path), "simplified": False}
+    info: dict[str, Any] = {"component": component, "package": path.stem, "path": str(path), "simplified": False}
     if simplify and not big:
         import onnxsim
 
