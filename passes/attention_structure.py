@@ -19,6 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from snapopt.core import ComponentOptions, Pass, PassContext, PassResult
+from snapopt.core.pass_base import MAX_LIST, BlockPath, LatentResolution
 from snapopt.errors import UsageError
 from snapopt.ir.select import select_blocks
 from snapopt.models.attention import make_processor
@@ -27,8 +28,8 @@ from snapopt.models.blocks import NullAttention, SkippedBlock
 
 class _TransformerSelection(ComponentOptions):
     component: Literal["unet"] = "unet"
-    blocks: list[str] = Field(default_factory=list, description="attention blocks (Transformer2DModel paths) to rewrite")
-    resolutions: list[int] = Field(default_factory=list, description="latent resolutions whose attention blocks to rewrite, e.g. [64]")
+    blocks: list[BlockPath] = Field(default_factory=list, max_length=MAX_LIST, description="attention blocks (Transformer2DModel paths) to rewrite")
+    resolutions: list[LatentResolution] = Field(default_factory=list, max_length=16, description="latent resolutions whose attention blocks to rewrite, e.g. [64]")
 
 
 def _chosen(pass_: Pass, program, ctx: PassContext) -> list[str]:
@@ -69,7 +70,7 @@ class RemoveSelfAttention(Pass):
 
 
 class GQAOptions(_TransformerSelection):
-    kv_heads: int = Field(1, ge=1, description="key/value heads per attention (1 = multi-query attention)")
+    kv_heads: int = Field(1, ge=1, le=1024, description="key/value heads per attention (1 = multi-query attention)")
     which: Literal["self", "cross", "both"] = Field("self", description="which attentions of each transformer block")
 
 

@@ -44,6 +44,7 @@ from torch import nn
 
 from snapopt.capture import capture
 from snapopt.core import ComponentOptions, Pass, PassContext, PassResult
+from snapopt.core.pass_base import MAX_LIST, BlockPath
 from snapopt.errors import UsageError
 from snapopt.ir.dependency import ChannelGroup, DependencyGraph, analyze, lcm
 from snapopt.lowering.interfaces import Shapes, component_io
@@ -56,14 +57,16 @@ _PROTECTED = {("conv_in.weight", 1), ("conv_out.weight", 0), ("decoder.conv_in.w
 
 
 class ChannelPruneOptions(ComponentOptions):
-    ratio: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of each group's channels to remove")
-    per_module: dict[str, float] = Field(default_factory=dict, description=(
+    ratio: float = Field(0.5, ge=0.0, lt=1.0, allow_inf_nan=False, description="fraction of each group's channels to remove")
+    per_module: dict[BlockPath, float] = Field(default_factory=dict, max_length=MAX_LIST, description=(
         "ratio per module path, e.g. {'down_blocks.0': 0.25}; a group takes the most specific path one of its producing layers sits under"))
-    round_to: int = Field(1, ge=1, description="keep a multiple of this many channels (combined with GroupNorm groups and heads)")
+    # bounded: a multiple above any layer's width (the widest SD layer has 1280 channels x 4 for GEGLU) prunes nothing sane
+    round_to: int = Field(1, ge=1, le=8192, description="keep a multiple of this many channels (combined with GroupNorm groups and heads)")
     criterion: Literal["l1", "l2", "taylor"] = Field("l1", description="importance: weight magnitude or first-order Taylor")
     heads: Literal["dim", "whole"] = Field("dim", description=(
         "attention: shrink every head's dim equally (keeps the head count, as diffusers' config assumes) or drop whole heads"))
-    calibration_batches: int = Field(1, ge=1, description="seeded batches for the Taylor criterion")
+    # each batch is a forward+backward of the component: 64 is minutes at full size, 1e30 never ends
+    calibration_batches: int = Field(1, ge=1, le=64, description="seeded batches for the Taylor criterion")
     with_encoder: bool = Field(False, description=(
         "vae_decoder: prune the VAE encoder at the same ratios too, so AutoencoderKL's one block_out_channels "
         "describes both halves and save_pretrained holds the result"))

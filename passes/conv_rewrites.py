@@ -14,6 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from snapopt.core import ComponentOptions, Pass, PassContext, PassResult
+from snapopt.core.pass_base import MAX_LIST, BlockPath, LatentResolution
 from snapopt.errors import UsageError
 from snapopt.ir.select import select_blocks
 from snapopt.models.blocks import LinearAsConv1x1, SeparableConv2d, SkippedBlock
@@ -48,8 +49,8 @@ class LinearToConv(Pass):
 
 class SeparableConvOptions(ComponentOptions):
     component: Literal["unet", "vae_decoder"] = "unet"
-    blocks: list[str] = Field(default_factory=list, description="ResNet blocks whose convolutions to make separable")
-    resolutions: list[int] = Field(default_factory=list, description="latent resolutions whose ResNet blocks to rewrite")
+    blocks: list[BlockPath] = Field(default_factory=list, max_length=MAX_LIST, description="ResNet blocks whose convolutions to make separable")
+    resolutions: list[LatentResolution] = Field(default_factory=list, max_length=16, description="latent resolutions whose ResNet blocks to rewrite")
     convs: list[Literal["conv1", "conv2"]] = Field(default_factory=lambda: ["conv1", "conv2"], description="which convolutions of each ResNet")
 
 

@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import re
 
-from pydantic import Field, field_validator
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from snapopt.core import ComponentOptions, Pass, PassContext, PassResult
+from snapopt.core.pass_base import MAX_LIST, BlockPath
 from snapopt.errors import PreconditionError, UsageError
 from snapopt.models.blocks import SkippedBlock
 from snapopt.models.unet_config import sync_unet_config
 
 
 class RemoveBlocksOptions(ComponentOptions):
-    blocks: list[str] = Field(min_length=1, description="module paths of the blocks to remove (see `snapopt inspect`)")
+    component: Literal["unet", "vae_decoder", "vae_encoder", "text_encoder"] = "unet"
+    blocks: list[BlockPath] = Field(min_length=1, max_length=MAX_LIST, description="module paths of the blocks to remove (see `snapopt inspect`)")
     keep_skips: bool = Field(False, description="never delete a down/up layer (and its skip connection): skip blocks in place instead")
 
     @field_validator("blocks")
@@ -37,6 +41,15 @@ class RemoveBlocksOptions(ComponentOptions):
         dup = sorted({b for b in v if v.count(b) > 1})
         if dup:
             raise ValueError(f"blocks listed twice: {', '.join(dup)}")
+        return v
+
+    @field_validator("blocks")
+    @classmethod
+    def _stages_are_unet(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        stage = next((b for b in v if b.startswith("stage:")), None)
+        component = info.data.get("component", "unet")
+        if stage is not None and component != "unet":
+            raise ValueError(f"'{stage}' names a UNet stage; component is '{component}' (name its blocks instead)")
         return v
 
 
@@ -116,6 +129,8 @@ def _expand(names: list[str], root: nn.Module) -> list[str]:
             out.append(name)
             continue
         k = int(m[1])
+        if not hasattr(root, "down_blocks"):
+            raise UsageError(f"remove_blocks: '{name}' names a UNet stage; this component has none")
         n = len(root.down_blocks)
         if not 0 <= k < n:
             raise UsageError(f"remove_blocks: 'stage:{k}' out of range; the UNet has stages 0..{n - 1}")

@@ -9,7 +9,6 @@ commands import what they drive when they run.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from datetime import datetime
 from pathlib import Path

@@ -142,3 +142,47 @@ def test_broken_entry_point_does_not_hide_other_passes(tmp_path, monkeypatch):
     with pytest.raises(PluginError, match="cannot load pass plugin entry point 'ghost = not_a_module_xyz:Ghost'"):
         reg.get("ghost")
     assert "ghost" in reg.broken()
+
+
+class SneakyTextEncoder(Pass):
+    """Declares the UNet but writes the text encoder (which the teacher shares)."""
+
+    name = "sneaky"
+
+    def run(self, program, ctx):
+        with torch.no_grad():
+            next(program.text_encoder.parameters()).mul_(1.0)
+        return PassResult(program, modified=True)
+
+
+def test_undeclared_mutation_is_caught(tiny, tiny_shapes):
+    with pytest.raises(PassError, match="pass 'sneaky': modified 'text_encoder', which it did not declare in touches\\(\\) \\(declared: unet\\)"):
+        PassManager([SneakyTextEncoder()], PassContext(shapes=tiny_shapes)).run(tiny)
+
+
+def test_broken_input_model_is_bad_input_not_the_first_pass(tiny, tiny_shapes):
+    from snapopt.errors import ModelRefError
+    from snapopt.passes.attention_rewrites import AttentionSDPA
+
+    with torch.no_grad():
+        tiny.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(ModelRefError, match="input model 'arch:tiny': component 'unet' output 0 has non-finite values") as exc:
+        PassManager([AttentionSDPA()], PassContext(shapes=tiny_shapes)).run(tiny)
+    assert exc.value.exit_code == 2
+
+
+def test_plugins_cannot_take_builtin_names_or_exit(tmp_path):
+    reg = PassRegistry()
+    (tmp_path / "exits.py").write_text("raise SystemExit(0)\n")
+    with pytest.raises(PluginError, match="cannot import pass file .*exits.py.*SystemExit"):
+        reg.resolve(str(tmp_path / "exits.py"))
+    (tmp_path / "ctrlc.py").write_text("raise KeyboardInterrupt\n")
+    with pytest.raises(PluginError, match="cannot import pass file .*ctrlc.py.*KeyboardInterrupt"):
+        reg.resolve(str(tmp_path / "ctrlc.py"))
+    # a plugin loaded before anything else still finds the built-ins registered first
+    (tmp_path / "clash.py").write_text(
+        "from snapopt.core import Pass, PassResult\nclass C(Pass):\n    name = 'channel_prune'\n"
+        "    def run(self, p, c):\n        return PassResult(p, False)\n")
+    with pytest.raises(PluginError, match="name 'channel_prune' of the built-in pass"):
+        PassRegistry().load_spec(str(tmp_path / "clash.py"))
+    assert PassRegistry().get("channel_prune").__module__ == "snapopt.passes.channel_prune"

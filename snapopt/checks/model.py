@@ -317,11 +317,8 @@ def _check_finite_file(file: Path) -> None:
                 for name in f.keys():
                     _finite_or_raise(file, name, f.get_tensor(name))
             return
-        except (TypeError, ValueError) as exc:  # bfloat16 / fp8 have no numpy dtype
-            if "dtype" not in str(exc).lower() and "bf16" not in str(exc).lower():
-                raise
-        import torch
-
+        except (TypeError, ValueError):  # bfloat16 / fp8 have no numpy dtype: read through torch
+            pass
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 t = f.get_tensor(name)

@@ -10,11 +10,18 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from snapopt.models.pipeline import Pipeline
+
+
+#: bounded option types, shared by passes: a module path, and a latent resolution (SD latents are 8-256)
+BlockPath = Annotated[str, Field(min_length=1, max_length=300)]
+LatentResolution = Annotated[int, Field(ge=1, le=1024)]
+#: most entries an option list may hold (an SD UNet has a few hundred blocks)
+MAX_LIST = 2000
 
 
 class PassOptions(BaseModel):

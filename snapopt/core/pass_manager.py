@@ -15,7 +15,7 @@ from typing import Any, Callable
 from snapopt.capture import block_graph
 from snapopt.core.pass_base import Pass, PassContext, PassResult
 from snapopt.core.verify import check_finite, compare, run_component
-from snapopt.errors import PassError, PostconditionError, PreconditionError, SnapoptError
+from snapopt.errors import ModelRefError, PassError, PostconditionError, PreconditionError, SnapoptError
 from snapopt.models.pipeline import Pipeline
 from snapopt.serialization import record_edit, remember_base_config
 
@@ -86,6 +86,14 @@ class PassManager:
         before_stats = {c: ComponentStats.of(self.graph(program, c)) for c in touched}
         # outputs before the pass: exact passes must reproduce them, lossy ones report how far they moved
         before_out = {c: run_component(program, c, shapes, self.ctx.seed) for c in touched} if (self.verify and can_run) else {}
+        for comp, out in before_out.items():
+            problem = check_finite(out)
+            if problem and not history:  # the model as loaded is broken: bad input, not this pass's fault
+                raise ModelRefError(f"input model '{program.source}': {problem} at the recipe's shapes, before any pass ran")
+            if problem:
+                raise PreconditionError(p.name, f"input to this pass: {problem}", history)
+        untouched = sorted({program.owner_attr(c) for c in program.components()} - {program.owner_attr(c) for c in touched})
+        fingerprints = {attr: _fingerprint(getattr(program, attr)) for attr in untouched}
 
         start = time.perf_counter()
         candidate = program.clone(touched)
@@ -106,6 +114,10 @@ class PassManager:
         if not isinstance(result, PassResult):
             raise PassError(p.name, f"run() must return a PassResult, got {type(result).__name__}", history)
         new = result.program
+        for attr in untouched:  # a pass gets copies of what it declared; anything else it changed was the teacher's
+            if getattr(new, attr) is not getattr(program, attr) or _fingerprint(getattr(program, attr)) != fingerprints[attr]:
+                raise PassError(p.name, f"modified '{attr}', which it did not declare in touches() (declared: "
+                                f"{', '.join(touched) or 'nothing'})", history)
 
         if p.structural and result.modified:
             for attr in owners:
@@ -152,3 +164,12 @@ class PassManager:
         record = PassRecord(name=p.name, exact=p.exact, options=p.options.model_dump(mode="json"), modified=result.modified,
                             seconds=seconds, stats=result.stats, changes=changes, verification=verification)
         return new, record
+
+
+def _fingerprint(module) -> tuple:
+    """Identity and in-place version of every parameter and buffer: changes when a module is written to
+    (``mul_``, ``copy_``, optimizer steps) or restructured, not when it is only run or moved between devices."""
+    if module is None:
+        return ()
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    return tuple((name, id(t), t._version) for name, t in tensors)
