@@ -164,8 +164,12 @@ def _preset_bytes(spec) -> int | None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from snapopt.models.tokenizer import char_vocab
+
+    vocab = char_vocab()
+    ids = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
     with torch.device("meta"):
-        mods = [UNet2DConditionModel(**spec.unet), AutoencoderKL(**spec.vae), CLIPTextModel(CLIPTextConfig(**spec.text_encoder))]
+        mods = [UNet2DConditionModel(**spec.unet), AutoencoderKL(**spec.vae), CLIPTextModel(CLIPTextConfig(**spec.text_encoder, **ids))]
     return 4 * sum(p.numel() for m in mods for p in m.parameters())
 
 

@@ -82,9 +82,9 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     data = load_yaml_file(path, "recipe")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    bad_key = next((k for k in data if not isinstance(k, str)), None)
-    if bad_key is not None:
-        raise RecipeError(f"{path}: key {str(bad_key)[:40]!r} is not a string")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise RecipeError(f"{path}: key {str(bad_keys[0])[:40]!r} is not a string")
     for key, value in (overrides or {}).items():
         if value is None:
             continue

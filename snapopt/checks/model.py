@@ -58,9 +58,11 @@ def check_model_reference(ref: str, base: Path | None = None, *, components: Ite
             raise ModelRefError(str(exc)) from None
         check_model_folder(folder, components, finite=finite)
         return folder
-    path = Path(ref).expanduser()
     try:
+        path = Path(ref).expanduser()
         exists = path.exists()
+    except RuntimeError as exc:  # '~user/x' for a user that does not exist
+        raise ModelRefError(f"model '{ref[:60]}': {exc}") from None
     except OSError as exc:
         raise ModelRefError(f"model '{ref[:60]}': {exc.strerror or exc.__class__.__name__}") from None
     if exists:
