@@ -19,11 +19,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from snapopt.core import ComponentOptions, Pass, PassContext, PassResult
 from snapopt.errors import UsageError
 from snapopt.train.jobs import RecoverJob
+
+
+#: SD schedulers train on 1000 timesteps; a model with fewer is checked again at run time
+MAX_TIMESTEP = 999
 
 
 class BlockPruneOptions(ComponentOptions):
@@ -34,7 +38,7 @@ class BlockPruneOptions(ComponentOptions):
     evaluator: Literal["teacher_distance"] = Field("teacher_distance", description="quality metric for ΔQuality")
     prompts: int = Field(4, ge=1, le=64, description="validation prompts (batch) per evaluation")
     timesteps: list[int] = Field(default_factory=lambda: [999, 750, 500, 250, 50], min_length=1,
-                                 description="diffusion timesteps the evaluator compares outputs at")
+                                 description="diffusion timesteps the evaluator compares outputs at, in [0, num_train_timesteps - 1]")
     kinds: list[Literal["attention", "resnet"]] = Field(default_factory=lambda: ["attention", "resnet"])
     candidates: list[str] = Field(default_factory=list, description="restrict to these blocks (default: every skippable block)")
     reevaluate_every: int = Field(0, ge=0, description="re-score survivors after this many removals (0: rank once)")
@@ -42,6 +46,14 @@ class BlockPruneOptions(ComponentOptions):
     robust_training: RecoverJob | None = Field(
         None, description="Algorithm 1: before each scoring round, train this recover job (train.steps per round) with the "
                           "chosen blocks skipped and the rest skipped at random (robust)")
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps_in_range(cls, v: list[int]) -> list[int]:
+        bad = [t for t in v if not 0 <= t <= MAX_TIMESTEP]
+        if bad:
+            raise ValueError(f"timestep {bad[0]} is outside [0, {MAX_TIMESTEP}] (the scheduler's training timesteps)")
+        return v
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -59,7 +71,7 @@ class BlockPrune(Pass):
 
     def run(self, program, ctx: PassContext) -> PassResult:
         from snapopt.capture import block_graph
-        from snapopt.devices.latency import build_table
+        from snapopt.devices.report import component_table
         from snapopt.models.skipping import skip_blocks, skippable_blocks
         from snapopt.passes.remove_blocks import RemoveBlocks
         from snapopt.quality import TeacherDistance
@@ -68,9 +80,23 @@ class BlockPrune(Pass):
         if program.structure_only:
             raise UsageError("block_prune needs weights to measure quality; load the model without structure_only")
         target = _pick_target(ctx, o.target)
-        table = build_table(block_graph(program, "unet", ctx.shapes), target)
+        # the same price the run report prints (snapopt.devices.report.component_table): one number per quantity
+        table = component_table(block_graph(program, "unet", ctx.shapes), target)
         baseline_ms = table.total_ms
         budget_ms = o.budget_ms if o.budget_ms is not None else o.budget_fraction * baseline_ms
+        num_train = _num_train_timesteps(program)
+        late = [t for t in o.timesteps if t >= num_train]
+        if late:
+            raise UsageError(f"block_prune.timesteps: {late[0]} is outside [0, {num_train - 1}] (the model's scheduler "
+                             f"has {num_train} training timesteps)")
+        if baseline_ms <= budget_ms:  # already within budget (e.g. budget_fraction: 1.0): nothing to remove
+            stats = {"target": target.id, "baseline_ms": round(baseline_ms, 2), "budget_ms": round(budget_ms, 2),
+                     "final_ms": round(baseline_ms, 2), "removed": [], "added_back": [], "evaluations": 0,
+                     "robust_rounds": [], "note": "budget already met; no block removed"}
+            ctx.report.setdefault("sections", []).append({"title": "Block pruning (value = ΔQuality / ΔLatency)", "lines": [
+                f"Target {target.id}: {stats['baseline_ms']} ms is already within the budget of {stats['budget_ms']} ms; no block removed."]})
+            ctx.report.setdefault("block_prune", []).append({"stats": stats, "evaluations": []})
+            return PassResult(program, modified=False, stats=stats)
         skippable = {n: k for n, k in skippable_blocks(program.unet).items() if k in o.kinds}
         if o.candidates:
             missing = [c for c in o.candidates if c not in skippable]
@@ -160,6 +186,12 @@ class BlockPrune(Pass):
         _report(ctx, stats, log, removed)
         return PassResult(program, modified=bool(removed), stats=stats,
                           replay_pass="remove_blocks", replay_options={"component": "unet", "blocks": removed, "keep_skips": True})
+
+
+def _num_train_timesteps(program) -> int:
+    sched = getattr(program, "scheduler", None)
+    n = getattr(getattr(sched, "config", None), "num_train_timesteps", None) if sched is not None else None
+    return int(n) if n else MAX_TIMESTEP + 1
 
 
 def _kept(table, removed: list[str]) -> list[str]:

@@ -10,15 +10,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
-from snapopt.cli import app
+from snapopt.cli import build_cli
 from snapopt.devices import registry
 from snapopt.devices.target import load_target_file
 from snapopt.errors import PluginError, TargetError, UsageError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "adding-an-iphone.md"
-BUILTINS = ["iphone-12-pro-max", "iphone-13-pro-max", "iphone-14-pro", "iphone-15-pro", "iphone-16-pro-max"]
+BUILTINS = ["iphone-12-mini", "iphone-12-pro", "iphone-12-pro-max", "iphone-13", "iphone-13-pro-max", "iphone-14", "iphone-14-pro",
+            "iphone-14-pro-max", "iphone-15-pro", "iphone-15-pro-max", "iphone-16-pro-max"]
+#: published rows exist on these chips (A14, A15, A16) in Apple's split_einsum_v2 6-bit deployment
+MEASURED = ["iphone-12-mini", "iphone-12-pro", "iphone-12-pro-max", "iphone-13", "iphone-13-pro-max", "iphone-14", "iphone-14-pro",
+            "iphone-14-pro-max"]
 
 
 def _doc_yaml() -> str:
@@ -33,7 +37,7 @@ def fresh_registry(monkeypatch):
 
 
 def _run(*args):
-    result = CliRunner().invoke(app, list(args), catch_exceptions=True, env={"COLUMNS": "300"})
+    result = CliRunner().invoke(build_cli(), list(args), catch_exceptions=True, env={"COLUMNS": "300"})
     return result
 
 
@@ -50,8 +54,14 @@ def test_builtins_are_registered_as_entry_points():
     items = {tid: source for tid, _t, source in registry.TARGETS.items()}
     assert set(BUILTINS) <= set(items)
     assert all(items[t].startswith("entry point") for t in BUILTINS)
-    for t in BUILTINS:  # calibrated out of the box
-        assert registry.TARGETS.resolve(t).calibration.fitted_on
+    for t in BUILTINS:  # every Apple profile selectable on every phone
+        assert {"snapfusion-fp16", "apple-split-einsum-v2-6bit", "apple-split-einsum-mixed-4bit",
+                "apple-split-einsum-fp16"} <= set(registry.TARGETS.resolve(t).profile_names())
+    for t in MEASURED:  # calibrated where published rows exist, flagged uncalibrated elsewhere
+        assert registry.TARGETS.resolve(t + "@apple-split-einsum-v2-6bit").calibrated
+    assert registry.TARGETS.resolve("iphone-14-pro").calibrated
+    for t in ("iphone-15-pro", "iphone-15-pro-max", "iphone-16-pro-max"):
+        assert registry.TARGETS.resolve(t).calibrated_profiles == []
 
 
 def test_yaml_target_outside_the_repo(tmp_path, monkeypatch):

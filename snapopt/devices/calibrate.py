@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
-from snapopt.devices.cost_model import DEFAULT_COEFFICIENTS
+from snapopt.devices.cost_model import shared_coefficients
 from snapopt.devices.latency import build_table
 from snapopt.devices.target import Calibration, DeploymentProfile, ProfileVariant, Target
 from snapopt.errors import TargetError, UsageError
@@ -211,13 +211,13 @@ def calibrate(rows: list[Row], base: Target, registry, progress: Callable[[str],
     if not groups:
         raise UsageError(f"no CSV row was measured on a registered phone or on chip {base.device.chip.name} (--target {base.id})")
     fits: list[ProfileFit] = []
-    shared = dict(DEFAULT_COEFFICIENTS)
+    shared = shared_coefficients()  # start from the shared fit on every published number (snapopt.devices.fit)
     for name, group in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         progress(f"capturing {len(group)} rows of profile {name}")
         for r in group:
             cache.graph(r.row)
         free = list(FIT_ORDER[: min(len(group), len(FIT_ORDER))])
-        start = dict(shared) if fits else dict(DEFAULT_COEFFICIENTS)
+        start = dict(shared) if fits else shared_coefficients()
         if fits:
             start["scale"] = 1.0
         for r in group:

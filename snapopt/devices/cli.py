@@ -28,28 +28,37 @@ def latency_command(
     batch: Optional[int] = typer.Option(None, help="batch (default 2 for the UNet: classifier-free guidance)"),
     as_json: bool = typer.Option(False, "--json", help="print the per-block tables as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG bar chart of the per-block breakdown"),
+    pipeline: bool = typer.Option(False, "--pipeline", help="end to end: text encoder + --steps UNet steps + VAE decoder per target"),
+    steps: int = typer.Option(50, "--steps", help="denoising steps for --pipeline"),
 ):
-    """Predict per-block and total latency of one component on one or more iPhones."""
+    """Predict per-block and total latency of one component (or the whole pipeline) on one or more iPhones."""
     from snapopt.devices.latency import model_tables
     from snapopt.devices.registry import TARGETS
 
     if component not in _COMPONENTS:
         raise UsageError(f"--component: unknown component '{component}'; expected {', '.join(_COMPONENTS)}")
+    if steps < 1:
+        raise UsageError(f"--steps: must be at least 1 (got {steps})")
     targets = [TARGETS.resolve(t) for t in target]
+    if pipeline:
+        return _pipeline(model, targets, steps, resolution, as_json)
     tables, info = model_tables(model, targets, component, resolution, batch)
+    by_id = {(x.id, x.profile.name): x for x in targets}
     if plot is not None:
         from snapopt.devices.plot import plot_tables
 
         plot_tables(tables, plot, title=f"{info['model']} {component} {info['resolution']}² batch {info['batch']}")
     if as_json:
-        print(json.dumps({**info, "tables": [t.to_json() for t in tables]}, indent=1))
+        print(json.dumps({**info, "tables": [t.to_json() | {"calibrated": by_id[(t.target_id, t.profile)].calibrated}
+                                             for t in tables]}, indent=1))
         return
     t = Table(title=f"{info['model']} · {component} · {info['resolution']}² · batch {info['batch']} · predicted ms per call")
     t.add_column("block", overflow="fold")
     t.add_column("kind")
     t.add_column("res", justify="right")
     for tab in tables:
-        t.add_column(f"{tab.target_id}\n{tab.profile}", justify="right")
+        flag = "" if by_id[(tab.target_id, tab.profile)].calibrated else "\n(uncalibrated)"
+        t.add_column(f"{tab.target_id}\n{tab.profile}{flag}", justify="right")
     first = tables[0]
     for name, b in first.blocks.items():
         t.add_row(name, b.kind, str(b.resolution or ""), *(f"{tab.blocks[name].us / 1e3:.2f}" for tab in tables))
@@ -64,6 +73,38 @@ def latency_command(
                       f"{'streamed from DRAM' if tab.meta['weights_streamed'] else 'on chip'}", highlight=False)
     if plot is not None:
         console.print(f"plot: {plot}")
+
+
+def _pipeline(model: str, targets, steps: int, resolution, as_json: bool) -> None:
+    """``snapopt latency MODEL --pipeline --steps N``: one image end to end per target, with its interval."""
+    from snapopt.devices.latency import pipeline_graphs
+    from snapopt.devices.report import interval_factor, pipeline_latency
+
+    graphs, info = pipeline_graphs(model, resolution)
+    rows = [(t, pipeline_latency(graphs["unet"], graphs["text_encoder"], graphs["vae_decoder"], t, steps)) for t in targets]
+    if as_json:
+        print(json.dumps({**info, "steps": steps, "pipelines": [
+            {"target": t.id, "profile": t.profile.name, **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in p.items()}}
+            for t, p in rows]}, indent=1))
+        return
+    tab = Table(title=f"{info['model']} · {info['resolution']}² · {steps} steps · predicted end to end")
+    for col in ("target", "profile", "text encoder ×2 ms", "UNet step ms", f"×{steps} steps s", "decoder ms", "overhead ms",
+                "total s", "interval s"):
+        tab.add_column(col, justify="left" if col in ("target", "profile") else "right")
+    for t, p in rows:
+        tab.add_row(t.id + ("" if t.calibrated else " (uncalibrated)"), t.profile.name, f"{2 * p['text_encoder_ms']:.1f}",
+                    f"{p['unet_step_ms']:.1f}", f"{steps * p['unet_step_ms'] / 1e3:.2f}", f"{p['decoder_ms']:.1f}",
+                    f"{p['overhead_ms']:.0f}", f"{p['total_ms'] / 1e3:.2f}", f"{p['low_ms'] / 1e3:.2f}–{p['high_ms'] / 1e3:.2f}")
+    console.print(tab)
+    lo, hi = interval_factor()
+    console.print(f"interval: 10th–90th percentile of cross-validated error on published numbers (×{lo:.2f}–×{hi:.2f}); "
+                  "uncalibrated: no published row on this chip and profile, priced from spec and shared coefficients",
+                  highlight=False)
+
+
+@target_app.callback()
+def _target_group() -> None:
+    """Work with targets: calibrate a cost model from measured latencies (a group, so `snapopt target calibrate` keeps its name)."""
 
 
 @target_app.command("calibrate")

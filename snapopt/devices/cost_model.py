@@ -48,6 +48,7 @@ DEFAULT_COEFFICIENTS: dict[str, float] = {
     "vector_ratio": 0.02,               # elementwise/norm/softmax element-ops per second as a fraction of MAC peak
     "dram_eff": 0.90,                   # fraction of peak DRAM bandwidth reached streaming weights/activations
     "score_spill_eff": 0.40,            # … by attention-score tensors spilled from the ANE (tiled, strided reductions)
+    "overlap": 1.0,                     # 1: compute and DRAM traffic overlap fully (roofline max); 0: they add
     "cache_eff": 0.50,                  # fraction of the system cache one op's activations can stay in
     "ane_op_us": 2.0,                   # per-op dispatch inside an ANE program
     "gpu_op_us": 8.0,
@@ -59,7 +60,7 @@ DEFAULT_COEFFICIENTS: dict[str, float] = {
     # pipeline (end-to-end) terms, used by snapopt.devices.pipeline
     "e2e_overhead_ms": 300.0,           # app/scheduler/image conversion per generated image
     "e2e_overhead_frac": 0.0,           # … and proportional to the compute (Apple: up to ~10%)
-    "reduce_memory_ms_per_gb": 0.0,     # reduceMemory (4 GB phones): models loaded just in time, per GB of weights
+    "reduce_memory_ms_per_gb": 500.0,   # reduceMemory (4 GB phones): models loaded just in time, per GB of weights
 }
 
 #: element-ops per output element of vector ops (exp+sum+div+max for softmax; mean/var/normalise/affine for norms)
@@ -84,12 +85,13 @@ def shared_fit() -> dict:
 
 
 def shared_coefficients(era: str | None = None) -> dict[str, float]:
-    """Physics priors overridden by the shared fit; ``scale`` is the era's factor (latest era when None)."""
+    """Physics priors overridden by the shared fit; ``scale`` is the era's factor (the latest era when None,
+    1 — the typical runtime — for an era the fit never saw)."""
     fit = shared_fit()
     coeffs = dict(DEFAULT_COEFFICIENTS) | {k: float(v) for k, v in fit.get("coefficients", {}).items() if k in DEFAULT_COEFFICIENTS}
     eras = fit.get("eras", {})
     if eras:
-        coeffs["scale"] = float(eras.get(era or fit.get("reference_era", ""), eras.get(fit.get("reference_era", ""), 1.0)))
+        coeffs["scale"] = float(eras.get(era or fit.get("latest_era", ""), 1.0))
     return coeffs
 
 
@@ -400,7 +402,7 @@ class CostModel:
         memory = dram / (r.dram_bytes_s * c["dram_eff"]) + score_dram / (r.dram_bytes_s * c["score_spill_eff"])
         overhead = np.array([c["ane_op_us"], c["gpu_op_us"], c["cpu_op_us"]])[unit] * 1e-6
         scale = c["scale"]
-        us = (np.maximum(compute, memory) + overhead) * scale * 1e6
+        us = (np.maximum(compute, memory) + (1.0 - c["overlap"]) * np.minimum(compute, memory) + overhead) * scale * 1e6
         # unit switches: against the previous op of the same block, or the primary unit at a block boundary
         n = len(kind)
         transfer = np.zeros(n)

@@ -102,8 +102,8 @@ def graph_arrays(graph: BlockGraph) -> tuple[list[str], OpArrays, list[OpRecord]
 def build_table(graph: BlockGraph, target: Target, overrides: dict[str, float] | None = None) -> LatencyTable:
     """Price every op of ``graph`` on ``target`` and sum per block (the one price every report and pass uses)."""
     model = CostModel(target, overrides)
-    names, arrays, all_ops = graph_arrays(graph)
-    weight_total = model.total_weight_bytes(all_ops)
+    names, arrays, _ = graph_arrays(graph)
+    weight_total = float(arrays.weight_params.sum()) * model.weight_bytes_per_param
     stream = model.weights_stream(weight_total)
     table = LatencyTable(target.id, target.profile.name, graph.component, model.fixed_us(weight_total),
                          meta={"weights_mb": round(weight_total / 1e6, 1), "weights_streamed": stream,
@@ -122,6 +122,14 @@ def build_table(graph: BlockGraph, target: Target, overrides: dict[str, float] |
             compute_us=float(comp[i]), memory_us=float(mem[i]), transfer_us=float(tr[i]), dram_mb=float(dram[i]) / 1e6,
             by_unit_us={UNITS[u]: float(by_unit[u][i]) for u in range(len(UNITS)) if by_unit[u][i] > 0})
     return table
+
+
+def total_us(graph: BlockGraph, target: Target, overrides: dict[str, float] | None = None) -> float:
+    """``build_table(graph, target).latency_us()`` without building the table (the fit calls it thousands of times)."""
+    model = CostModel(target, overrides)
+    _, arrays, _ = graph_arrays(graph)
+    weight_total = float(arrays.weight_params.sum()) * model.weight_bytes_per_param
+    return model.fixed_us(weight_total) + float(model.price(arrays, model.weights_stream(weight_total)).us.sum())
 
 
 def whole_model_us(graph: BlockGraph, target: Target, overrides: dict[str, float] | None = None) -> float:
@@ -151,3 +159,17 @@ def model_tables(model: str, targets: list[Target], component: str = "unet", res
     info = {"model": pipe.source, "component": component, "resolution": pipe.resolution, "batch": batch,
             "macs": graph.totals()["macs"], "params": graph.totals()["params"]}
     return [build_table(graph, t) for t in targets], info
+
+
+def pipeline_graphs(model: str, resolution: int | None = None) -> tuple[dict[str, BlockGraph], dict[str, Any]]:
+    """Capture the UNet (batch 2, classifier-free guidance), text encoder and VAE decoder of ``model`` once."""
+    from snapopt.capture import block_graph
+    from snapopt.lowering.interfaces import Shapes
+    from snapopt.models.loading import load_model
+
+    pipe = load_model(model, components=("unet", "vae", "text_encoder"), structure_only=model.startswith("arch:"),
+                      resolution=resolution)
+    graphs = {"unet": block_graph(pipe, "unet", Shapes(resolution=pipe.resolution, batch=2)),
+              "text_encoder": block_graph(pipe, "text_encoder", Shapes(resolution=pipe.resolution, batch=1)),
+              "vae_decoder": block_graph(pipe, "vae_decoder", Shapes(resolution=pipe.resolution, batch=1))}
+    return graphs, {"model": pipe.source, "resolution": pipe.resolution}

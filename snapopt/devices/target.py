@@ -49,6 +49,8 @@ class DeploymentProfile(_Strict):
     weight_bits: int = Field(16, description="16 (fp16) or palettization bits 1-8")
     activation_bits: Literal[16] = 16
     compute_units: Literal["CPU_AND_NE", "ALL", "CPU_AND_GPU", "CPU_ONLY"] = "CPU_AND_NE"
+    era: str | None = Field(None, description="runtime era whose fitted factor prices this deployment (see "
+                                              "docs/cost-model.md: snapfusion, 2022-11, 2023-02, 2023-06, 2023-08); default the latest")
 
 
 class Calibration(_Strict):
@@ -71,6 +73,17 @@ class Target(_Strict):
     profile: DeploymentProfile = Field(default_factory=DeploymentProfile)
     calibration: Calibration = Field(default_factory=Calibration)
     other_profiles: list[ProfileVariant] = Field(default_factory=list, description="further calibrated deployments")
+
+    @property
+    def calibrated(self) -> bool:
+        """True when published or measured rows on this chip and profile went into its coefficients; an
+        uncalibrated target is priced from the shared coefficients and its spec alone (flag it when printing)."""
+        return bool(self.calibration.fitted_on)
+
+    @property
+    def calibrated_profiles(self) -> list[str]:
+        """Profiles of this phone with calibration rows (what `snapopt targets` shows as calibrated)."""
+        return [p for p in self.profile_names() if self.with_profile(p).calibrated]
 
     def profile_names(self) -> list[str]:
         return [self.profile.name, *(v.profile.name for v in self.other_profiles)]
