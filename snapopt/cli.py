@@ -9,6 +9,7 @@ commands import what they drive when they run.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -409,9 +410,24 @@ def build_cli():
     return cmd
 
 
+def quiet_libraries() -> None:
+    """Library chatter (diffusers/transformers advice, optional-backend import failures) is not snapopt's
+    output: stderr carries snapopt's progress and its one error line. SNAPOPT_DEBUG=1 keeps it all."""
+    import logging
+
+    if os.environ.get("SNAPOPT_DEBUG"):
+        return
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("torchao", "diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command, and exit with the status :func:`snapopt.errors.run_cli` decides."""
     args = list(sys.argv[1:] if argv is None else argv)
+    quiet_libraries()
     code = run_cli(lambda: build_cli().main(args=args, prog_name="snapopt", standalone_mode=False))
     sys.stdout.flush()
     sys.exit(code)

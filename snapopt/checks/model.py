@@ -150,7 +150,7 @@ def check_model_folder(folder: str | Path, components: Iterable[str] = ("unet", 
         elif (folder / "config.json").is_file():
             raise ModelRefError(f"'{folder}' holds a single model, not a pipeline; pass its parent pipeline folder")
         else:
-            raise ModelRefError(f"'{folder}' is not a diffusers pipeline folder (no model_index.json)")
+            raise ModelRefError(f"'{folder}' is not a diffusers pipeline folder: '{index_file}' is missing")
     else:
         index = load_json_file(index_file, "model index")
         if not isinstance(index, dict):
@@ -167,14 +167,14 @@ def check_model_folder(folder: str | Path, components: Iterable[str] = ("unet", 
             continue
         entry = index.get(comp)
         if not entry or entry[0] is None:
-            raise ModelRefError(f"model '{folder}': model index lists no '{comp}'")
+            raise ModelRefError(f"model index '{index_file}' lists no '{comp}'")
         _check_component(folder / comp, entry[1], finite=finite, structured=structured)
     if "text_encoder" in wanted or "tokenizer" in index:
         _check_tokenizer(folder / "tokenizer", folder)
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.exists() or "scheduler" in index:
         if not sched.is_file():
-            raise ModelRefError(f"model '{folder}': scheduler/scheduler_config.json is missing")
+            raise ModelRefError(f"scheduler config '{sched}' is missing")
         cfg = load_json_file(sched, "scheduler config")
         if not isinstance(cfg, dict):
             raise ModelRefError(f"scheduler config '{sched}' is not a JSON object")
@@ -182,7 +182,7 @@ def check_model_folder(folder: str | Path, components: Iterable[str] = ("unet", 
 
 def _check_tokenizer(tok: Path, folder: Path) -> None:
     if not tok.is_dir():
-        raise ModelRefError(f"model '{folder}': the tokenizer folder is missing (a text encoder needs its tokenizer)")
+        raise ModelRefError(f"tokenizer folder '{tok}' is missing (a text encoder needs its tokenizer)")
     has_bpe = (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
     has_fast = (tok / "tokenizer.json").is_file()
     if not (has_bpe or has_fast):
