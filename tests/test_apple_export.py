@@ -260,3 +260,18 @@ def test_export_spec_rejects_bad_bits():
 
     with pytest.raises(RecipeError, match="weight_bits"):
         validate_recipe({"name": "t", "model": "arch:tiny", "export": {"weight_bits": 12}})
+
+
+# ---- Core AI ---------------------------------------------------------------------------------------------------------
+def test_coreai_export_runs_in_coreai_runtime(micro, tmp_path):
+    pytest.importorskip("coreai_torch")
+    result = _lower(micro, tmp_path / "exports", coreml=False, onnx=False, coreai=True,
+                    components=["unet", "vae_decoder", "vae_encoder", "text_encoder"])
+    got = {e["package"]: e for e in result["coreai"]}
+    assert set(got) == {"Unet", "VAEDecoder", "VAEEncoder", "TextEncoder"}
+    for e in got.values():
+        assert (tmp_path / e["file"]).is_dir() and e["file"].endswith(".aimodel")
+        assert e["coreai_runtime_relative_error"] < 1e-4, e
+    assert got["TextEncoder"]["inputs"]["input_ids"]["dtype"] == "float32"
+    assert got["Unet"]["outputs"] == ["noise_pred"]
+    assert any(s["title"] == "Core AI" for s in result["sections"])

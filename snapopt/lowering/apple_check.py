@@ -25,7 +25,6 @@ from typing import Any
 
 from snapopt.errors import UsageError
 
-REQUIRED = ("TextEncoder", "VAEDecoder")
 SPEC_VERSION_IOS16 = 7  # ML programs Swift's pipeline can load (it requires iOS 16.2)
 
 
@@ -91,8 +90,11 @@ def load_interfaces(folder: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def check_apple(path: Path) -> tuple[list[str], list[str]]:
-    """``(problems, checks)``: each problem is one line naming the file, tensor and what Swift expects."""
+def check_apple(path: Path, components: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """``(problems, checks)``: each problem is one line naming the file, tensor and what Swift expects.
+
+    ``components`` limits the required files to those exported (``snapopt export --component unet``); by default a
+    complete Swift resources folder is required."""
     from snapopt.lowering.apple import ENCODER_CHANNELS, read_metadata
     from snapopt.lowering.swift_tokenizer import SwiftBPE, _trim, apply_prompt_rule, read_merges
 
@@ -109,13 +111,16 @@ def check_apple(path: Path) -> tuple[list[str], list[str]]:
         if "error" in m:
             problems.append(m["error"])
     models = {k: v for k, v in models.items() if "error" not in v}
-    for name in REQUIRED:
-        need(name in models, f"{name} present", f"{name}.mlpackage/.mlmodelc missing (Swift loads {name}.mlmodelc)")
+    wanted = set(components) if components is not None else {"unet", "vae_decoder", "text_encoder"}
+    for name, comp in (("TextEncoder", "text_encoder"), ("VAEDecoder", "vae_decoder")):
+        if comp in wanted:
+            need(name in models, f"{name} present", f"{name}.mlpackage/.mlmodelc missing (Swift loads {name}.mlmodelc)")
     chunks = [n for n in ("UnetChunk1", "UnetChunk2") if n in models]
     if len(chunks) == 1:
         problems.append(f"{chunks[0]} without its pair: Swift loads the chunks only when both UnetChunk1 and UnetChunk2 exist")
     unet_names = ["UnetChunk1", "UnetChunk2"] if len(chunks) == 2 else ["Unet"]
-    need(all(n in models for n in unet_names), "UNet present", "Unet.mlpackage (or UnetChunk1 + UnetChunk2) missing")
+    if "unet" in wanted:
+        need(all(n in models for n in unet_names), "UNet present", "Unet.mlpackage (or UnetChunk1 + UnetChunk2) missing")
     for name, m in models.items():
         need(m["specification_version"] >= SPEC_VERSION_IOS16, f"{name} spec v{m['specification_version']}",
              f"{name}: specification version {m['specification_version']} < 7 (iOS 16): Swift's pipeline needs iOS 16.2 ML programs")
@@ -223,7 +228,7 @@ def check_apple(path: Path) -> tuple[list[str], list[str]]:
                  f"TextEncoder: input_ids are cast to int16 but the vocabulary has {vocab_size} ids (wrap past 32767)")
     # --- tokenizer files ---------------------------------------------------------------------------------
     bpe = None
-    if need((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file(), "vocab.json + merges.txt",
+    if "text_encoder" in wanted and need((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file(), "vocab.json + merges.txt",
             "vocab.json or merges.txt missing (Swift's BPETokenizer reads both from the resources folder)"):
         try:
             vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))

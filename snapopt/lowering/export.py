@@ -75,6 +75,8 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
     spec = resolved.recipe.export
     wanted = [c for c in spec.components if c in pipe.components()]
     result: dict[str, Any] = {"coreml": [], "onnx": [], "resources": [], "sections": []}
+    if spec.coreai:
+        result["coreai"] = []
     targets = list(resolved.targets)
     chunked, plan = False, None
     if "unet" in wanted and (spec.coreml or spec.onnx):
@@ -138,7 +140,7 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
             from snapopt.lowering.apple_check import check_apple
 
             with stage("check the export against Apple's Swift pipeline"):
-                problems, notes = check_apple(res)
+                problems, notes = check_apple(res, components=wanted)
             result["apple_check"] = {"passed": not problems, "problems": problems, "notes": notes}
             result["sections"][-1]["lines"] += ["", f"`snapopt check apple`: {'passed' if not problems else 'FAILED'} "
                                                 f"({len(notes)} checks)" + "".join(f"\n- {p}" for p in problems)]
@@ -146,6 +148,20 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
                 from snapopt.errors import LoweringError
 
                 raise LoweringError(f"the Core ML export does not conform to Apple's Swift pipeline: {problems[0]}")
+    if spec.coreai and wanted:
+        from snapopt.lowering import coreai
+
+        for c in wanted:
+            with stage(f"lower {c} to Core AI"):
+                info = coreai.lower_component(pipe, c, shapes, folder / "coreai", check=spec.coreai_check)
+                info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
+                result["coreai"].append(info)
+        lines = [f"- `{e['file']}`: {', '.join(e['inputs'])} → {', '.join(e['outputs'])}, {e['bytes'] / 1e6:.1f} MB"
+                 + (f", coreai.runtime vs torch rel err {e['coreai_runtime_relative_error']:.1e}" if "coreai_runtime_relative_error" in e else "")
+                 for e in result["coreai"]]
+        result["sections"].append({"title": "Core AI", "lines": [
+            "Apple's Core AI assets (coreai-torch), with the Core ML packages' interface names, fp32 inputs and outputs; "
+            "checked by running each in coreai.runtime's Linux interpreter:", "", *lines]})
     if spec.onnx and wanted:
         for c in wanted:
             jobs = [(None, None)]

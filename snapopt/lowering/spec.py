@@ -29,6 +29,8 @@ class ExportSpec(BaseModel):
     chunk_unet: Union[bool, Literal["auto"]] = Field(
         "auto", description="split the UNet into UnetChunk1/UnetChunk2: auto when its compressed weights exceed the "
         "smallest max_weights_per_model_mb of the recipe's targets")
+    coreai: bool = Field(False, description="also lower every component to a Core AI .aimodel (coreai-torch), same interface names")
+    coreai_check: bool = Field(True, description="run each .aimodel in coreai.runtime (works on Linux) against torch")
     apple_check: bool = Field(True, description="run `snapopt check apple` on the Core ML export and fail the run if it does not pass")
 
     @model_validator(mode="after")

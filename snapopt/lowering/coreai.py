@@ -1,0 +1,106 @@
+"""Core AI lowering: torch.export → coreai-torch → ``<Name>.aimodel``, checked in ``coreai.runtime``.
+
+Apple's newer on-device stack (coreai-torch 0.4.3, coreai-core 1.0.0b3). Every component is lowered through the
+same Apple interface wrappers as Core ML (:func:`snapopt.lowering.apple.apple_io`: tensor names, 8-channel
+encoder, folded latent scale, float32 ids), with fp32 inputs and outputs. On Linux ``coreai.runtime`` executes an
+asset through its reference interpreter (``AIModelAsset.executable()`` writes an ``.aimodelx`` and loads it), so
+exports are checked numerically against torch here, as ONNX Runtime checks the ONNX exports. Specialisation for
+the Neural Engine/GPU happens on Apple hardware at load time and cannot be checked on Linux.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io as _io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from snapopt.errors import LoweringError
+from snapopt.lowering.interfaces import PACKAGE_NAMES, ComponentIO, Shapes
+from snapopt.models.pipeline import Pipeline
+
+PINS = "coreai-torch==0.4.3 coreai-opt==0.4.0 (coreai-core==1.0.0b3 comes with them; pip install --pre)"
+
+
+def _import():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import coreai_torch
+            from coreai.runtime import NDArray
+    except ImportError as exc:
+        raise LoweringError(f"export.coreai needs Apple's Core AI packages: pip install --pre {PINS.split(' (')[0]} ({exc})") from None
+    return coreai_torch, NDArray
+
+
+def convert(io: ComponentIO, path: Path):
+    """Convert ``io`` and save ``path`` (an ``.aimodel`` folder); return the ``AIModelAsset``."""
+    coreai_torch, _ = _import()
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(_io.StringIO()), \
+                contextlib.redirect_stderr(_io.StringIO()):
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(io.module, io.example_inputs, strict=False).run_decompositions(coreai_torch.get_decomp_table())
+            program = coreai_torch.TorchConverter().add_exported_program(
+                ep, input_names=io.input_names, output_names=io.output_names).to_coreai()
+            return program.save_asset(path)
+    except LoweringError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise LoweringError(f"Core AI conversion of '{io.component}' failed: {first}") from exc
+
+
+def run_asset(asset, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Execute the asset's ``main`` function in ``coreai.runtime`` (works on Linux and macOS)."""
+    _, NDArray = _import()
+
+    async def go():
+        async with asset.executable() as model:
+            fn = model.load_function("main")
+            out = await fn({k: NDArray(np.ascontiguousarray(v)) for k, v in feeds.items()})
+            return {k: v.numpy() for k, v in out.items()}
+
+    with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(_io.StringIO()):
+        return asyncio.run(go())
+
+
+def relative_error(asset, io: ComponentIO) -> float:
+    """Max over outputs of ‖coreai − torch‖/‖torch‖ on the interface's example inputs."""
+    got = run_asset(asset, {n: t.numpy() for n, t in zip(io.input_names, io.example_inputs)})
+    with torch.no_grad():
+        ref = io.module(*io.example_inputs)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    errs = []
+    for name, r in zip(io.output_names, ref):
+        r = r.float().numpy()
+        g = got[name].astype(np.float64)
+        errs.append(float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-12)))
+    return max(errs)
+
+
+def lower_component(pipe: Pipeline, component: str, shapes: Shapes, out_dir: Path, *, name: str | None = None,
+                    io: ComponentIO | None = None, check: bool = True) -> dict[str, Any]:
+    """Convert and save ``<out_dir>/<name>.aimodel``; with ``check``, run it in ``coreai.runtime`` against torch."""
+    from snapopt.lowering.apple import apple_io
+    from snapopt.lowering.coreml import package_bytes
+
+    if pipe.structure_only:
+        raise LoweringError(f"cannot lower '{component}' of a structure-only model to Core AI: load it with weights")
+    io = io or apple_io(pipe, component, shapes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name or PACKAGE_NAMES[component]}.aimodel"
+    asset = convert(io, path)
+    info: dict[str, Any] = {
+        "component": component, "package": path.stem, "path": str(path), "bytes": package_bytes(path),
+        "inputs": {n: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for n, t in zip(io.input_names, io.example_inputs)},
+        "outputs": list(io.output_names),
+    }
+    if check:
+        info["coreai_runtime_relative_error"] = relative_error(asset, io)
+    return info
