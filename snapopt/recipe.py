@@ -41,7 +41,6 @@ class OutputSpec(_Strict):
 MAX_RESOLUTION = 4096
 MAX_BATCH = 64
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch accepts it too
-WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 
 
 class Recipe(_Strict):
@@ -126,8 +125,6 @@ def validate_recipe(data: dict[str, Any], path: Path | None = None, *, check_mod
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(where + format_validation_error(exc)) from None
-    if recipe.export.weight_bits not in WEIGHT_BITS:
-        raise RecipeError(f"{where}export.weight_bits: must be 16 (fp16) or 1-8 (palettized), got {recipe.export.weight_bits}")
     base = path.parent if path else Path.cwd()
     for i, spec in enumerate(recipe.plugins):
         try:
