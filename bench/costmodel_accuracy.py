@@ -1,4 +1,6 @@
-"""Cost-model accuracy on the published calibration file, and lookup-table speed.
+"""Per-profile calibration (``snapopt target calibrate``) on the first calibration file, UNet predictions per
+built-in iPhone, and lookup-table speed. The cross-validated accuracy of the shared fit on every published
+number is bench/latency_crossval.py.
 
 Prints and saves bench/results/costmodel_accuracy.json. Not a timed test: it captures full-size presets
 (meta device) and refits, ~1 minute on 2 CPU cores.
@@ -18,7 +20,7 @@ from snapopt.devices.latency import build_table, model_tables
 from snapopt.devices.registry import TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CSV = ROOT.parent / "shared" / "data" / "published_latency_calibration.csv"
+DEFAULT_CSV = ROOT / "snapopt" / "devices" / "data" / "published_latency_calibration.csv"
 BUILTINS = ["iphone-12-pro-max", "iphone-13-pro-max", "iphone-14-pro", "iphone-15-pro", "iphone-16-pro-max"]
 
 

@@ -96,14 +96,17 @@ def main() -> None:
     plot(cv, insample, Path(args.plot))
     print(f"wrote {args.out} and {args.plot} in {total_s:.0f} s")
     if args.write_fit:
-        s = summary["unet_step+e2e"]
+        # the interval a prediction carries: left-out rows whose runtime era the fit still knew (a profile fixes
+        # its era; a new phone or a new model is what the interval is for)
+        s = summary["unet_step+e2e, era seen"]
         lo, hi = s["log_residual_p10_p90"]
         shipped = {"about": "shared latency cost-model fit; written by bench/latency_crossval.py --write-fit",
                    "latest_era": LATEST_ERA, "coefficients": {k: round(v, 6) for k, v in full.coefficients.items()},
                    "eras": {k: round(v, 6) for k, v in full.eras.items()}, "rows": [r.label for r in rows],
                    "free_coefficients": full.n_free,
                    # log(predicted / measured) of left-out rows, 10th and 90th percentile: the prediction interval
-                   "crossval": {"median_abs_error_pct": s["median_abs_error_pct"], "max_abs_error_pct": s["max_abs_error_pct"],
+                   "crossval": {"rows": "unet_step and e2e rows left out by device or model folds, era seen",
+                             "median_abs_error_pct": s["median_abs_error_pct"], "max_abs_error_pct": s["max_abs_error_pct"],
                                 "log_residual_p10_p90": [lo, hi],
                                 "interval_factor": [round(math.exp(-hi), 4), round(math.exp(-lo), 4)]}}
         FIT_FILE.write_text(json.dumps(shipped, indent=1))

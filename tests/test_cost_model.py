@@ -12,7 +12,7 @@ from snapopt.devices.registry import TARGETS
 from snapopt.errors import TargetError, UsageError
 from snapopt.ir.ops import OpRecord
 
-BUILTINS = ["iphone-12-pro-max", "iphone-13-pro-max", "iphone-14-pro", "iphone-15-pro", "iphone-16-pro-max"]
+BUILTINS = ["iphone-12-pro-max", "iphone-13-pro-max", "iphone-14-pro", "iphone-15-pro", "iphone-16-pro-max"]  # one per chip
 
 
 def _target(tid="iphone-14-pro", **profile):
@@ -111,7 +111,8 @@ def test_lut_subset_sums_and_errors(tiny_unet):
 def test_batch_two_costs_more_than_batch_one(tiny_unet):
     t = _target()
     assert build_table(tiny_unet[2], t).total_ms > build_table(tiny_unet[1], t).total_ms
-    assert build_table(tiny_unet[2], t).meta["weights_streamed"] is False  # a tiny model stays on chip
+    # weights stay on chip when they fit the usable part of the system cache (the fit puts it at a few MB)
+    assert build_table(tiny_unet[2], _chip(t, system_cache_mb=512.0)).meta["weights_streamed"] is False
 
 
 @pytest.fixture(scope="module")

@@ -362,8 +362,9 @@ class CostModel:
 
     # ---- vectorised pricing -------------------------------------------------------------------------
     def price(self, a: OpArrays, stream_weights: bool) -> PricedOps:
-        """Price canonical ops in execution order. Each block's inputs arrive on, and its outputs return to,
-        the primary unit, so a block's cost does not depend on its neighbours (the lookup table stays additive)."""
+        """Price canonical ops in execution order (numpy over all ops at once). A block's cost includes the unit
+        switches at its ops; blocks run on the primary unit end to end in practice, so removing one leaves its
+        neighbours' prices unchanged and the lookup table stays additive."""
         c, r = self.c, self.rates
         prim = UNITS.index(self.primary)
         if self.primary == "ane":
@@ -403,18 +404,17 @@ class CostModel:
         overhead = np.array([c["ane_op_us"], c["gpu_op_us"], c["cpu_op_us"]])[unit] * 1e-6
         scale = c["scale"]
         us = (np.maximum(compute, memory) + (1.0 - c["overlap"]) * np.minimum(compute, memory) + overhead) * scale * 1e6
-        # unit switches: against the previous op of the same block, or the primary unit at a block boundary
+        # unit switches in execution order: the component's input arrives on, and its output returns to, the
+        # primary unit; a switch is charged to the op (so the block) where it happens
         n = len(kind)
         transfer = np.zeros(n)
         if n:
-            start = np.ones(n, dtype=bool)
-            start[1:] = a.block[1:] != a.block[:-1]
-            prev = np.where(start, prim, np.roll(unit, 1))
+            prev = np.roll(unit, 1)
+            prev[0] = prim
             bw = r.dram_bytes_s * c["dram_eff"]
             transfer += np.where(unit != prev, c["transfer_us"] + a.in_bytes / bw * 1e6, 0.0)
-            end = np.ones(n, dtype=bool)
-            end[:-1] = a.block[1:] != a.block[:-1]
-            transfer += np.where(end & (unit != prim), c["transfer_us"] + a.out_bytes / bw * 1e6, 0.0)
+            if unit[-1] != prim:
+                transfer[-1] += c["transfer_us"] + a.out_bytes[-1] / bw * 1e6
             transfer *= scale
         return PricedOps(us=us + transfer, compute_us=compute * 1e6 * scale, memory_us=memory * 1e6 * scale,
                          transfer_us=transfer, dram_bytes=dram + score_dram, unit=unit)

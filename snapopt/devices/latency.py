@@ -1,8 +1,9 @@
 """Per-block latency lookup tables: the cost model summed per block of the block IR, once.
 
 Block pruning asks "how fast is the UNet without blocks X, Y?" thousands of times; a table answers from
-per-block sums without re-capturing or re-pricing ops. Blocks are priced independently (inputs and outputs
-on the primary compute unit), so a subset's latency is the sum of its blocks plus the per-call cost.
+per-block sums without re-capturing or re-pricing ops. The component is priced once in execution order and
+each op's time is attributed to its block, so the table sums to the whole-component price; a subset's latency
+is the sum of its blocks plus the per-call cost.
 """
 
 from __future__ import annotations
@@ -135,9 +136,9 @@ def total_us(graph: BlockGraph, target: Target, overrides: dict[str, float] | No
 def whole_model_us(graph: BlockGraph, target: Target, overrides: dict[str, float] | None = None) -> float:
     """The component priced as one op sequence (no block boundaries): what the lookup table's sum must match."""
     model = CostModel(target, overrides)
-    names, _, all_ops = graph_arrays(graph)
-    weight_total = model.total_weight_bytes(all_ops)
-    arrays = OpArrays.build([canonical_ops(all_ops)])
+    names = list(graph.blocks())
+    arrays = OpArrays.build([[op for n in names for op in canonical_ops(graph.ops(n))]])  # one block: no boundaries
+    weight_total = float(arrays.weight_params.sum()) * model.weight_bytes_per_param
     return model.fixed_us(weight_total) + float(model.price(arrays, model.weights_stream(weight_total)).us.sum())
 
 
