@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from snapopt.errors import UsageError, run_cli
+from snapopt.errors import UsageError, raise_on_sigterm, run_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
@@ -178,16 +178,20 @@ def _preset_bytes(spec) -> int | None:
 def inspect(
     model: str = typer.Argument(..., help="model reference: folder, hub id, arch:<preset>, zoo:<name>"),
     component: str = typer.Option("unet,vae_decoder,text_encoder", help="comma-separated components"),
-    resolution: Optional[int] = typer.Option(None, help="image resolution (default: the model's)"),
-    batch: int = typer.Option(1, help="UNet batch (2 = classifier-free guidance)"),
+    resolution: Optional[int] = typer.Option(None, min=8, max=4096, help="image resolution (default: the model's)"),
+    batch: int = typer.Option(1, min=1, max=64, help="UNet batch (2 = classifier-free guidance)"),
     as_json: bool = typer.Option(False, "--json", help="print the block IR as JSON"),
 ):
     """Show a model's block graph: params, MACs, activation bytes and output shape per block, with totals."""
     from snapopt.capture import block_graph
+    from snapopt.checks.model import check_model_reference
     from snapopt.lowering.interfaces import Shapes
     from snapopt.models.loading import load_model
 
     comps = _components(component)
+    if resolution is not None and resolution % 8:
+        raise UsageError(f"--resolution: {resolution} is not a multiple of 8")
+    check_model_reference(model, finite=False)  # structure is what inspect shows; weights are not run
     owners = sorted({"vae" if c.startswith("vae") else c for c in comps})
     pipe = load_model(model, components=owners, structure_only=model.startswith("arch:"), resolution=resolution)
     shapes = Shapes(resolution=pipe.resolution, batch=batch)
@@ -428,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command, and exit with the status :func:`snapopt.errors.run_cli` decides."""
     args = list(sys.argv[1:] if argv is None else argv)
     quiet_libraries()
+    raise_on_sigterm()
     code = run_cli(lambda: build_cli().main(args=args, prog_name="snapopt", standalone_mode=False))
     sys.stdout.flush()
     sys.exit(code)

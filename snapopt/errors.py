@@ -64,11 +64,34 @@ class Interrupted(SnapoptError):
     exit_code = 130
 
 
+class Terminated(BaseException):
+    """The process was asked to stop (SIGTERM: ``kill``, a scheduler, torchrun tearing down): 128 + 15.
+    A BaseException like KeyboardInterrupt, so no ``except Exception`` on the way up swallows it."""
+
+    exit_code = 143
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into an exception, so cleanup (``finally``, run.apply's temporary folder) runs as it does
+    for Ctrl-C. Only where SIGTERM still has its default action and only in the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+        raise Terminated("terminated (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 # ---- the one exit-code discipline -----------------------------------------------------------------------
 #: every exit status a snapopt command can return, and what it means
 EXIT_CODES = {0: "success", 1: "internal error (a bug: set SNAPOPT_DEBUG=1 for the traceback)",
               2: "bad input: recipe, argument, file, model reference or plugin", 3: "a pass failed (named)",
-              4: "lowering (Core ML / ONNX export) failed", 130: "interrupted (Ctrl-C)"}
+              4: "lowering (Core ML / ONNX export) failed", 130: "interrupted (Ctrl-C)", 143: "terminated (SIGTERM)"}
 
 
 def _click_classes(name: str) -> tuple[type, ...]:
@@ -111,6 +134,9 @@ def run_cli(invoke, *, prog: str = "snapopt", echo=None) -> int:
     except KeyboardInterrupt:
         say("interrupted (Ctrl-C)")
         return 130
+    except Terminated:
+        say("terminated (SIGTERM)")
+        return Terminated.exit_code
     except BrokenPipeError:  # `snapopt passes | head`: the reader left; not an error worth a message
         try:
             sys.stdout = open(os.devnull, "w")

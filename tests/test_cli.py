@@ -115,8 +115,10 @@ def test_every_failure_keeps_its_exit_code(raised, code, line, tmp_path, monkeyp
     assert _lines(capsys.readouterr().err) == [line]
 
 
-def test_ctrl_c_during_apply_exits_130_and_leaves_nothing(tmp_path):
-    """SIGINT to a real run while it works: one line, 130, no run folder and no temporary folder."""
+@pytest.mark.parametrize("sig, code, last", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_signals_during_apply_exit_cleanly_and_leave_nothing(sig, code, last, tmp_path):
+    """SIGINT / SIGTERM to a real run while it works: one line, 130 / 143, no run folder, no temporary folder."""
     recipe = _recipe(tmp_path, passes=[{"pass": "channel_prune", "options": {"component": "unet", "ratio": 0.5}}])
     out = tmp_path / "runs" / "run"
     proc = subprocess.Popen([*CLI, "apply", str(recipe), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -129,10 +131,10 @@ def test_ctrl_c_during_apply_exits_130_and_leaves_nothing(tmp_path):
             break
         assert time.time() < deadline, seen
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, seen + [err]
-    assert _lines(err)[-1] == "interrupted (Ctrl-C)"
+    assert proc.returncode == code, seen + [err]
+    assert _lines(err)[-1] == last
     assert "Traceback" not in err
     assert not out.exists() and list((tmp_path / "runs").iterdir()) == []
 

@@ -103,9 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m snapopt.train``: the same exit-code discipline as ``snapopt`` (snapopt.errors.run_cli)."""
     from typer.main import get_command
 
-    from snapopt.errors import run_cli
+    from snapopt.errors import raise_on_sigterm, run_cli
 
     args = list(sys.argv[1:] if argv is None else argv)
+    raise_on_sigterm()
     code = run_cli(lambda: get_command(app).main(args=args, prog_name="python -m snapopt.train", standalone_mode=False))
     sys.stdout.flush()
     sys.exit(code)
