@@ -275,3 +275,33 @@ def test_coreai_export_runs_in_coreai_runtime(micro, tmp_path):
     assert got["TextEncoder"]["inputs"]["input_ids"]["dtype"] == "float32"
     assert got["Unet"]["outputs"] == ["noise_pred"]
     assert any(s["title"] == "Core AI" for s in result["sections"])
+
+
+# ---- compression -----------------------------------------------------------------------------------------------------
+def test_compression_schemes_shrink_the_package_and_keep_the_interface(tiny_pipe, tmp_path):
+    from snapopt.lowering.coreml import lower_component
+    from snapopt.lowering.export import compression_plan
+    from snapopt.lowering.spec import ExportSpec
+
+    shapes = Shapes(resolution=64)
+    fp16 = lower_component(tiny_pipe, "vae_decoder", shapes, tmp_path / "fp16")
+    int8 = lower_component(tiny_pipe, "vae_decoder", shapes, tmp_path / "int8",
+                           compression=compression_plan(ExportSpec(compression="int8"), []))
+    assert int8["bytes"] < 0.75 * fp16["bytes"]
+    assert int8["outputs"] == fp16["outputs"] and int8["inputs"] == fp16["inputs"]
+    pytest.importorskip("sklearn")  # coremltools' k-means palettizer
+    pal = lower_component(tiny_pipe, "vae_decoder", shapes, tmp_path / "pal4",
+                          compression=compression_plan(ExportSpec(weight_bits=4), []))
+    assert pal["bytes"] < int8["bytes"]
+
+
+def test_compression_plan_follows_recipe_then_target():
+    from snapopt.lowering.export import compression_plan
+    from snapopt.lowering.spec import ExportSpec
+    from snapopt.recipe import validate_recipe
+
+    six = validate_recipe({"name": "t", "model": "arch:tiny", "targets": ["iphone-14-pro@apple-split-einsum-v2-6bit"]}).targets
+    assert compression_plan(ExportSpec(), six)["bits"] == 6
+    assert compression_plan(ExportSpec(weight_bits=4), six)["bits"] == 4
+    assert compression_plan(ExportSpec(compression="none"), six)["scheme"] == "fp16"
+    assert compression_plan(ExportSpec(palettize_group_size=16, weight_bits=4), [])["scheme"] == "palettize_g16"

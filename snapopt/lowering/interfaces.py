@@ -7,6 +7,10 @@ the graph the phone runs. Names follow Apple's Swift ``StableDiffusionPipeline``
 * ``VAEDecoder``:  z (1,4,h,w) -> image (1,3,8h,8w) in [-1, 1]
 * ``VAEEncoder``:  x (1,3,H,W) -> latent mean (1,4,H/8,W/8)
 * ``TextEncoder``: input_ids (1,77) -> last_hidden_state, pooled_outputs
+
+These are the graphs snapopt analyses and verifies. What is lowered adds Apple's Swift conventions on top
+(:func:`snapopt.lowering.apple.apple_io`): latent scale folded into the VAE halves, the encoder's 8 channels
+(mean and logvar), float32 ``input_ids``.
 """
 
 from __future__ import annotations
