@@ -225,6 +225,10 @@ def test_chunks_compose_to_the_unet_at_every_cut(tiny_pipe, tiny_shapes):
         assert compose_error(tiny_pipe, plan, tiny_shapes) < 1e-6, cut
     plan = plan_chunks(tiny_pipe, tiny_shapes)
     assert abs(plan.params[0] - plan.params[1]) < 0.5 * sum(plan.params)
+    pruned = tiny_pipe.clone(["unet"])
+    pruned.unet.mid_block = None  # BK-SDM-Small/Tiny have none (Apple's converter rejects them)
+    for cut in range(1, len(_stages(pruned.unet))):
+        assert compose_error(pruned, plan_chunks(pruned, tiny_shapes, cut=cut), tiny_shapes) < 1e-6, cut
 
 
 def test_chunked_export_passes_check_and_composes_in_onnxruntime(micro, tmp_path):
