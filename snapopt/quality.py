@@ -78,3 +78,47 @@ def text_context(pipe: Pipeline, prompts: list[str], gen: torch.Generator) -> to
 def _unet(pipe: Pipeline, x) -> torch.Tensor:
     with torch.no_grad():
         return pipe.unet(x[0], x[1], x[2], return_dict=False)[0].float()
+
+
+# ---- quality retained: the final pipeline against the input model --------------------------------------------
+def snapshapes_model(pipe: Pipeline) -> bool:
+    """Whether the zoo's snapshapes evaluator can judge ``pipe`` (it descends from zoo:snapshapes)."""
+    origin = str(pipe.extra.get("origin") or pipe.source)
+    if origin.startswith("zoo:snapshapes"):
+        return True
+    from pathlib import Path
+
+    from snapopt import zoo
+
+    try:
+        return Path(origin).resolve() == zoo.zoo_path("snapshapes").resolve()
+    except Exception:
+        return False
+
+
+def quality_retained(teacher: Pipeline, student: Pipeline, *, steps: int, teacher_steps: int = 50, prompts: int = 16,
+                     cfg: float = 7.5, seed: int = 0, grid: "Path | None" = None, say=None) -> dict:
+    """FID / CLIP score / attribute accuracy of ``student`` at ``steps`` and ``teacher`` at ``teacher_steps`` on the
+    same held-out snapshapes prompts and the same initial noise, and a grid of both (teacher row above student
+    row, prompt by prompt). Returns {"teacher": metrics, "student": metrics, "prompts": [...], "grid": path}."""
+    from snapopt.zoo import evaluate as zev
+
+    say = say or (lambda msg: None)
+    result: dict = {"prompts": prompts, "cfg": cfg, "seed": seed}
+    images = {}
+    for name, pipe, n in (("teacher", teacher, teacher_steps), ("student", student, steps)):
+        say(f"quality: {name} at {n} steps on {prompts} held-out prompts")
+        r = zev.evaluate(pipe.to_diffusers(), steps=n, cfg=cfg, n_prompts=prompts, seed=seed, return_images=True)
+        images[name] = r.pop("images")
+        result["captions"] = r.pop("captions")
+        result[name] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+    if grid is not None:
+        import torch
+
+        cols = 8
+        rows = []
+        for i in range(0, prompts, cols):
+            rows += [images["teacher"][i:i + cols], images["student"][i:i + cols]]
+        zev.save_grid(torch.cat(rows), grid, columns=cols)
+        result["grid"] = str(grid)
+    return result

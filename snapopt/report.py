@@ -34,6 +34,35 @@ def block_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: quality metrics in the report: (key, label, higher is better)
+QUALITY_METRICS = (("fid", "FID", False), ("clip_score", "CLIP score", True), ("attribute_accuracy", "attribute accuracy", True),
+                   ("shape_accuracy", "shape", True), ("colour_accuracy", "colour", True), ("position_accuracy", "position", True))
+
+
+def quality_section(q: dict[str, Any] | None) -> list[str]:
+    """Quality retained: the output at the recipe's steps vs the input at its steps, and the sample grid."""
+    if not q:
+        return []
+    t, s = q["teacher"], q["student"]
+    out = ["## Quality retained", "",
+           f"{q['prompts']} held-out snapshapes prompts, CFG {q['cfg']}, seed {q['seed']}, the same initial noise for both "
+           "(DDIM; FID on so few images is only comparable between these two rows).", "",
+           f"| metric | input, {t['steps']} steps | output, {s['steps']} steps | retained |", "|---|---:|---:|---:|"]
+    for key, label, higher in QUALITY_METRICS:
+        if key not in t or key not in s:
+            continue
+        a, b = float(t[key]), float(s[key])
+        pct = key.endswith("accuracy")
+        fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.2f}")
+        retained = f"{100 * b / a:.0f}%" if higher and a > 0 else f"{b - a:+.2f}"
+        out.append(f"| {label} | {fmt(a)} | {fmt(b)} | {retained} |")
+    out.append(f"| seconds per image (this machine) | {t['seconds_per_image']:.2f} | {s['seconds_per_image']:.2f} | |")
+    if q.get("grid"):
+        out += ["", f"Samples, prompt by prompt: input ({t['steps']} steps) in the upper row of each pair, output "
+                f"({s['steps']} steps) below it.", "", f"![input above, output below]({q['grid']})"]
+    return out + [""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# snapopt run: {report['recipe']['name']}", ""]
     out += [f"- model: `{report['model']['source']}` at {report['shapes']['resolution']}² (UNet batch {report['shapes']['batch']})",
@@ -60,6 +89,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                 stats = "; ".join(f"{k}: {_brief(v)}" for k, v in p["stats"].items())
                 out.append(f"|  | ↳ {stats} |||||||")
         out.append("")
+    out += quality_section(report.get("quality"))
+    sched = report.get("scheduler")
+    if sched:
+        note = "the input's" if sched["same"] else f"changed from the input's {sched['input']}"
+        out += ["## Scheduler", "", f"The saved model ships `{sched['output']}` ({note}).", ""]
     for section in report.get("extra_sections", []):
         out += [f"## {section['title']}", "", *section["lines"], ""]
     ex = report.get("exports", {})

@@ -80,6 +80,19 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, p
             pipe, records = manager.run(pipe)
         after = {c: manager.graphs[c] for c in components}  # re-captured by the manager after each pass
 
+        quality = None
+        settings = quality_settings(recipe, records)
+        if settings["enabled"] and changes_weights(records) and not pipe.structure_only:
+            from snapopt.quality import quality_retained, snapshapes_model
+
+            if snapshapes_model(ctx.teacher):
+                with stage("quality retained"):
+                    (tmp / "quality").mkdir(exist_ok=True)
+                    quality = quality_retained(ctx.teacher, pipe, steps=settings["steps"], teacher_steps=settings["input_steps"],
+                                               prompts=settings["prompts"], cfg=settings["cfg"], seed=recipe.seed,
+                                               grid=tmp / "quality" / "samples.png", say=say)
+                    quality["grid"] = "quality/samples.png"
+
         if recipe.output.save_model:
             import torch
 
@@ -95,6 +108,8 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, p
             (tmp / "blocks" / f"{comp}.json").write_text(json.dumps(g.to_json(), indent=1))
 
         report = build_report(resolved, pipe, shapes, before, after, records, exports, time.perf_counter() - started, ctx)
+        report["quality"] = quality
+        report["scheduler"] = scheduler_note(ctx.teacher, pipe)
         report["timings"] = dict(timings)
         with stage("report"):
             write_run_files(tmp, resolved, report, argv)
@@ -109,6 +124,40 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, p
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return RunResult(out_dir=out_dir, report=report, pipeline=pipe, timings=timings)
+
+
+#: what "quality retained" measures when the recipe says nothing: the output at ``steps`` (or the step-distilled
+#: student's step count) against the input at ``input_steps``, on ``prompts`` held-out snapshapes prompts
+QUALITY_DEFAULTS = {"enabled": True, "steps": 25, "input_steps": 50, "prompts": 16, "cfg": 7.5}
+
+
+def quality_settings(recipe, records) -> dict[str, Any]:
+    """The quality-retained settings: the recipe's ``quality`` section where it has one, else the defaults,
+    with ``steps`` taken from a step-distillation pass (its student's step count) when the recipe names none."""
+    settings = dict(QUALITY_DEFAULTS)
+    spec = getattr(recipe, "quality", None)
+    given = spec.model_dump(exclude_unset=True) if hasattr(spec, "model_dump") else dict(spec or {})
+    distilled = [r.stats.get("student_steps") for r in records if r.name == "step_distill" and r.stats.get("student_steps")]
+    if distilled and "steps" not in given:
+        settings["steps"] = int(distilled[-1])
+    settings.update(given)
+    return settings
+
+
+def changes_weights(records) -> bool:
+    """Whether any pass changed what the model computes (not an exact rewrite)."""
+    return any(r.modified and not r.exact for r in records)
+
+
+def scheduler_note(teacher, pipe) -> dict[str, str]:
+    """Which scheduler the saved model ships, and whether it is the input's."""
+    from snapopt.serialization import output_scheduler
+
+    given, shipped = output_scheduler(teacher), output_scheduler(pipe)
+    return {"input": type(given).__name__ if given is not None else "none",
+            "output": type(shipped).__name__ if shipped is not None else "none",
+            "same": given is not None and shipped is not None and type(given) is type(shipped)
+            and dict(given.config) == dict(shipped.config)}
 
 
 def build_report(resolved, pipe, shapes, before, after, records, exports, seconds, ctx) -> dict[str, Any]:

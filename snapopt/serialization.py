@@ -1,10 +1,13 @@
 """Save and reload optimised pipelines.
 
-Where diffusers' config can express a component, it is saved with ``save_pretrained`` and the folder loads
-with ``StableDiffusionPipeline.from_pretrained``. Where it cannot (a lone attention removed from a block, say),
-the component is saved as safetensors plus ``snapopt_arch.json``: the diffusers config it started from and
-the structural edits (pass name + options) that rebuild its architecture exactly; :func:`load` replays
-them on the meta device and loads the weights. Attention implementations are recorded and re-applied.
+Every saved folder is a diffusers pipeline folder. Where diffusers' config can express a component, it is
+saved with ``save_pretrained``. Where it cannot (a lone attention removed from a block, channel-pruned
+widths), it is saved as a diffusers custom component: its config.json is the plain diffusers config plus
+``snapopt_structure`` (the structural edits as data, see :mod:`snapopt.models.portable`) and the code that
+reads it is saved beside the weights, so ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``
+loads it in a process without snapopt, and the structure never depends on the pass that made it. Only
+structures that description cannot hold fall back to ``snapopt_arch.json`` (config + pass edits replayed by
+snapopt). Attention implementations are recorded and re-applied by :func:`load`.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def record_edit(module: torch.nn.Module, pass_name: str, options: dict[str, Any]
 def _plain_config(module) -> dict[str, Any]:
     cfg = module.config
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    return json.loads(json.dumps(cfg, default=list))
+    return json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
 
 
 def config_expresses(module: torch.nn.Module) -> bool:
@@ -69,8 +72,70 @@ def is_snapopt_model(folder: Path) -> bool:
 
 
 # ---- save -------------------------------------------------------------------------------------------
+def _diffusers_base(module: torch.nn.Module):
+    """The plain diffusers class a (possibly structured) module derives from, or None."""
+    from snapopt.models.portable import STRUCTURED
+
+    for cls in type(module).__mro__:
+        if cls.__name__ in STRUCTURED and cls.__module__.startswith("diffusers"):
+            return cls
+    return None
+
+
+def plain_config(module: torch.nn.Module) -> dict[str, Any]:
+    """The module's diffusers config without snapopt's structure (what the structure's edits start from)."""
+    from snapopt.models.portable import STRUCTURE_KEY
+
+    return {k: v for k, v in _plain_config(module).items() if k != STRUCTURE_KEY and not k.startswith("_")}
+
+
+def describe_structure(module: torch.nn.Module) -> list[dict[str, Any]] | None:
+    """The edits (data) that rebuild ``module``'s structure from its plain diffusers config, proven by
+    rebuilding on the meta device and comparing every parameter name, shape, module type and read
+    attribute; None when the portable description cannot hold this structure."""
+    from snapopt.models.portable import STRUCTURED, diff_structure
+
+    base_cls = _diffusers_base(module)
+    if base_cls is None:
+        return None
+    cfg = plain_config(module)
+    try:
+        with torch.device("meta"):
+            ops = diff_structure(module, base_cls.from_config(cfg))
+            probe = STRUCTURED[base_cls.__name__].from_config({**cfg, "snapopt_structure": {"format": 1, "edits": ops}})
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError):
+        return None
+    from snapopt.models.portable import _signature
+
+    return ops if _signature(probe)[1:] == _signature(module)[1:] else None  # [0]: the class, structured vs plain
+
+
+def save_structured(module: torch.nn.Module, sub: Path, ops: list[dict[str, Any]], dtype: torch.dtype) -> tuple[str, str]:
+    """Write ``module`` as a diffusers custom component: weights, config.json (plain config + structure) and
+    the component's code beside them. Returns its model_index.json entry (code file, class name)."""
+    import diffusers
+
+    from snapopt.models import portable
+
+    base_cls = _diffusers_base(module)
+    cls = portable.STRUCTURED[base_cls.__name__]
+    cls_name = cls.__name__
+    sub.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(sub / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    config = {"_class_name": cls_name, "_diffusers_version": diffusers.__version__, **plain_config(module),
+              portable.STRUCTURE_KEY: {"format": portable.FORMAT, "edits": ops}}
+    (sub / "config.json").write_text(json.dumps(config, indent=2, sort_keys=False))
+    (sub / f"{cls.code_file}.py").write_text(Path(portable.__file__).read_text())
+    return cls.code_file, cls_name
+
+
 def save(pipe: Pipeline, folder: Path, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Write ``pipe`` to ``folder`` (created). Returns the manifest written."""
+    """Write ``pipe`` to ``folder`` (created) as a diffusers pipeline folder. Returns the manifest written.
+
+    Each component is saved with ``save_pretrained`` when its plain diffusers config describes it, else as a
+    diffusers custom component (config + ``snapopt_structure`` + the component's code beside the weights), so
+    ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it without snapopt."""
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
@@ -79,31 +144,34 @@ def save(pipe: Pipeline, folder: Path, *, dtype: torch.dtype = torch.float32) ->
     if pipe.structure_only:
         raise ModelRefError("cannot save a structure-only (meta) pipeline: it has no weights")
     manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "source": pipe.source, "resolution": pipe.resolution,
-        "prediction_type": pipe.prediction_type, "components": {},
+        "format_version": FORMAT_VERSION, "source": pipe.source, "origin": pipe.extra.get("origin") or pipe.source,
+        "resolution": pipe.resolution, "prediction_type": pipe.prediction_type, "components": {},
     }
-    all_diffusers = True
+    index: dict[str, list] = {}
     for attr in ("unet", "vae", "text_encoder"):
         module = getattr(pipe, attr)
         if module is None:
             continue
         entry: dict[str, Any] = {"attention": attention_kinds(module)}
-        expressible = not getattr(module, EDITS_ATTR, None) or config_expresses(module)
-        if expressible:
+        structured = _diffusers_base(module) is not None and type(module) is not _diffusers_base(module)
+        ops = None
+        if not structured and config_expresses(module):
             to_save = module if dtype == torch.float32 else copy.deepcopy(module).to(dtype)
             to_save.save_pretrained(folder / attr, safe_serialization=True)
             entry["format"] = "diffusers"
+            lib = "transformers" if attr == "text_encoder" else "diffusers"
+            index[attr] = [lib, type(module).__name__]
+        elif (ops := describe_structure(module)) is not None:
+            index[attr] = list(save_structured(module, folder / attr, ops, dtype))
+            entry["format"] = "structured"
+            entry["edits"] = len(ops)
+            _write_arch(module, folder / attr)  # provenance only: which passes made it (loading reads config.json)
         else:
-            all_diffusers = False
             sub = folder / attr
             sub.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
             save_file(state, str(sub / "model.safetensors"))
-            (sub / ARCH_FILE).write_text(json.dumps({
-                "class": f"{type(module).__module__}:{type(module).__name__}",
-                "base_config": getattr(module, BASE_ATTR, _plain_config(module)),
-                "edits": getattr(module, EDITS_ATTR, []),
-            }, indent=2))
+            _write_arch(module, sub)
             entry["format"] = "snapopt"
         manifest["components"][attr] = entry
     if pipe.tokenizer is not None:
@@ -111,23 +179,40 @@ def save(pipe: Pipeline, folder: Path, *, dtype: torch.dtype = torch.float32) ->
 
         pipe.tokenizer.save_pretrained(folder / "tokenizer")
         write_bpe_files(pipe.tokenizer, folder / "tokenizer")  # for Swift and older transformers
-    if pipe.scheduler is not None:
-        pipe.scheduler.save_pretrained(folder / "scheduler")
-    if all_diffusers and pipe.unet is not None and pipe.vae is not None and pipe.text_encoder is not None:
-        _write_model_index(folder, pipe)
+    scheduler = output_scheduler(pipe)
+    if scheduler is not None:
+        scheduler.save_pretrained(folder / "scheduler")
+        manifest["scheduler"] = type(scheduler).__name__
+    if len(index) == 3 and pipe.tokenizer is not None and scheduler is not None:
+        _write_model_index(folder, index, scheduler)
     manifest["diffusers_loadable"] = (folder / "model_index.json").is_file()
+    manifest["needs_trust_remote_code"] = any(e["format"] == "structured" for e in manifest["components"].values())
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
-def _write_model_index(folder: Path, pipe: Pipeline) -> None:
+def _write_arch(module: torch.nn.Module, sub: Path) -> None:
+    """The pass log of a structurally edited module: the config it started from and each structural pass with
+    its options. :func:`load` replays it only for structures config.json cannot hold (format "snapopt")."""
+    (sub / ARCH_FILE).write_text(json.dumps({
+        "class": f"{type(module).__module__}:{type(module).__name__}",
+        "base_config": getattr(module, BASE_ATTR, _plain_config(module)),
+        "edits": getattr(module, EDITS_ATTR, []),
+    }, indent=2))
+
+
+def output_scheduler(pipe: Pipeline):
+    """The scheduler a saved model ships: the input model's own (``extra['scheduler']``, e.g. PNDM), else
+    the one snapopt samples with."""
+    return pipe.extra.get("scheduler") or pipe.scheduler
+
+
+def _write_model_index(folder: Path, components: dict[str, list], scheduler) -> None:
     import diffusers
 
     index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", type(pipe.scheduler).__name__],
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__, **components,
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", type(scheduler).__name__],
         "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
         "requires_safety_checker": False,
     }
@@ -151,6 +236,10 @@ def load(folder: str | Path) -> Pipeline:
     for attr, entry in manifest["components"].items():
         if entry["format"] == "diffusers":
             module = classes[attr].from_pretrained(folder / attr, torch_dtype=torch.float32)
+        elif entry["format"] == "structured":
+            from snapopt.models.portable import STRUCTURED
+
+            module = STRUCTURED[classes[attr].__name__].from_pretrained(folder / attr, torch_dtype=torch.float32)
         else:
             module = _rebuild(folder / attr, classes[attr])
         for name, kind in entry.get("attention", {}).items():
@@ -159,9 +248,23 @@ def load(folder: str | Path) -> Pipeline:
                 mods[name].set_processor(make_processor(kind))
         modules[attr] = module.eval()
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
-    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler") if (folder / "scheduler").is_dir() else None
+    scheduler, shipped = None, None
+    if (folder / "scheduler").is_dir():
+        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")  # what snapopt samples with
+        shipped = load_scheduler(folder / "scheduler")                    # what the folder ships, kept on save
     return Pipeline(source=str(folder), tokenizer=tokenizer, scheduler=scheduler, resolution=manifest["resolution"],
-                    prediction_type=manifest.get("prediction_type", "epsilon"), **modules)
+                    prediction_type=manifest.get("prediction_type", "epsilon"), extra={"scheduler": shipped, "origin": manifest.get("origin", manifest["source"])}, **modules)
+
+
+def load_scheduler(sub: Path):
+    """The scheduler class a folder's ``scheduler_config.json`` names (diffusers' own classes only)."""
+    import diffusers
+
+    name = json.loads((Path(sub) / "scheduler_config.json").read_text()).get("_class_name", "DDIMScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelRefError(f"'{sub}/scheduler_config.json': unknown scheduler class '{name}'")
+    return cls.from_pretrained(sub)
 
 
 def _rebuild(sub: Path, cls) -> torch.nn.Module:

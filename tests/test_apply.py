@@ -68,7 +68,7 @@ def test_saved_model_reloads_with_identical_outputs(bk_tiny_run):
     shapes = Shapes(resolution=64, batch=2)
     for comp in ("unet", "vae_decoder", "text_encoder"):
         assert compare(run_component(pipe, comp, shapes), run_component(again, comp, shapes)) < 1e-6
-    sd = StableDiffusionPipeline.from_pretrained(folder)  # diffusers can load it directly
+    sd = StableDiffusionPipeline.from_pretrained(folder, trust_remote_code=True)  # diffusers can load it directly
     assert sum(p.numel() for p in sd.unet.parameters()) == sum(p.numel() for p in pipe.unet.parameters())
 
 
@@ -80,7 +80,9 @@ def test_report_tables(bk_tiny_run):
     assert comps["unet"]["after"]["params"] < comps["unet"]["before"]["params"]
 
 
-def test_non_config_structure_saves_as_arch_file_and_reloads(tmp_path):
+def test_non_config_structure_saves_as_custom_component_and_reloads(tmp_path):
+    """A lone removed attention: no diffusers block type says it, so the UNet is saved as a diffusers custom
+    component whose config lists the structure (the pass log stays beside it as provenance)."""
     recipe = tmp_path / "lone.yaml"
     recipe.write_text("name: lone\nmodel: arch:tiny\npasses:\n  - pass: remove_blocks\n"
                       "    options: {blocks: [down_blocks.0.attentions.1, up_blocks.3.attentions.0]}\n"
@@ -88,7 +90,9 @@ def test_non_config_structure_saves_as_arch_file_and_reloads(tmp_path):
     result = snapopt.apply(recipe, tmp_path / "run")
     folder = tmp_path / "run" / "model"
     manifest = json.loads((folder / "snapopt.json").read_text())
-    assert manifest["components"]["unet"]["format"] == "snapopt" and not manifest["diffusers_loadable"]
+    assert manifest["components"]["unet"]["format"] == "structured" and manifest["diffusers_loadable"]
+    edits = json.loads((folder / "unet" / "config.json").read_text())["snapopt_structure"]["edits"]
+    assert sorted(e["path"] for e in edits if e["op"] == "set") == ["down_blocks.0.attentions.1", "up_blocks.3.attentions.0"]
     arch = json.loads((folder / "unet" / "snapopt_arch.json").read_text())
     assert [e["pass"] for e in arch["edits"]] == ["remove_blocks"]
     again = snapopt.load(folder)

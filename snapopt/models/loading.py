@@ -158,7 +158,8 @@ def _load_diffusers(location: str, components: Iterable[str], *, source: str, lo
             CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **kw).eval() if "text_encoder" in wanted else None
         )
         tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw)
-        scheduler = DDIMScheduler.from_pretrained(location, subfolder="scheduler", **kw)
+        scheduler = DDIMScheduler.from_pretrained(location, subfolder="scheduler", **kw)  # what snapopt samples with
+        shipped = _shipped_scheduler(location, kw)  # what the model ships (PNDM for SD-v1.5); saved outputs keep it
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise ModelRefError(f"cannot load '{source}': {first}") from None
@@ -168,4 +169,21 @@ def _load_diffusers(location: str, components: Iterable[str], *, source: str, lo
     return Pipeline(
         source=source, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         resolution=int(sample) * vae_factor, prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+        extra={"scheduler": shipped},
     )
+
+
+def _shipped_scheduler(location: str, kw: dict):
+    """The scheduler class model_index.json names, loaded from its config (None if not a diffusers class)."""
+    import json
+
+    import diffusers
+
+    index = Path(location) / "model_index.json"
+    if not index.is_file():
+        from huggingface_hub import hf_hub_download
+
+        index = Path(hf_hub_download(location, "model_index.json", **kw))
+    name = (json.loads(index.read_text()).get("scheduler") or [None, None])[1]
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    return cls.from_pretrained(location, subfolder="scheduler", **kw) if cls is not None else None

@@ -130,3 +130,34 @@ class Pipeline:
         for module in self.present_modules().values():
             module.to(device)
         return self
+
+    # ---- diffusers ------------------------------------------------------------------------------------
+    def to_diffusers(self):
+        """A diffusers ``StableDiffusionPipeline`` sharing these modules, with the scheduler the model ships
+        (the input's, e.g. PNDM; ``extra['scheduler']``), so ``pipe("a red circle")`` draws an image."""
+        from diffusers import StableDiffusionPipeline
+
+        if self.structure_only:
+            from snapopt.errors import ModelRefError
+
+            raise ModelRefError(f"model '{self.source}' is structure-only (no weights); it cannot generate images")
+        missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(self, n) is None]
+        if missing:
+            from snapopt.errors import ModelRefError
+
+            raise ModelRefError(f"model '{self.source}' has no {', '.join(missing)}; a text-to-image pipeline needs all five")
+        sd = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                                     scheduler=self.extra.get("scheduler") or self.scheduler, safety_checker=None,
+                                     feature_extractor=None, requires_safety_checker=False)
+        sd.set_progress_bar_config(disable=True)
+        return sd
+
+    def __call__(self, prompt, **kwargs):
+        """Text to image through diffusers (``num_inference_steps``, ``guidance_scale``, ``generator`` …)."""
+        return self.to_diffusers()(prompt, **kwargs)
+
+    def save_pretrained(self, folder) -> None:
+        """Write a diffusers pipeline folder (custom components where a config cannot express the structure)."""
+        from snapopt.serialization import save
+
+        save(self, folder)
