@@ -190,3 +190,21 @@ def test_python_m_snapopt_train_exit_codes(tmp_path):
     assert proc.returncode == 2 and _lines(proc.stderr) == ["error: spec 'missing.yaml' not found"]
     proc = subprocess.run([sys.executable, "-m", "snapopt.train", "--bogus"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and len(_lines(proc.stderr)) == 1
+
+
+def test_fuzz_train_spec_files(tmp_path, capsys):
+    """The recipe fuzz's broken files, as ``snapopt train`` specs: exit 2, one line, nothing written."""
+    from test_fuzz_recipes import file_cases
+
+    failures = []
+    all_cases = file_cases()
+    for i, (case_id, data, fragment) in enumerate(all_cases):
+        spec = tmp_path / f"spec{i}.yaml"
+        spec.write_bytes(data)
+        out = tmp_path / f"out{i}"
+        code, err = _train([spec, "--out", out], capsys)
+        want = fragment.replace("{file}", str(spec))
+        if not (code == 2 and len(err) == 1 and err[0].startswith("error: ") and want in err[0] and not out.exists()):
+            failures.append(f"{case_id}: exit {code}, want {want!r}, got {err[:2]}")
+    print(f"\nfuzz train specs: {len(all_cases)} cases, {len(all_cases) - len(failures)} clean")
+    assert not failures, "\n".join(failures)

@@ -43,8 +43,9 @@ def _pass(name: str, options: dict) -> dict:
     return {**BASE, "passes": [{"pass": name, "options": options}]}
 
 
-def cases() -> list[tuple[str, bytes, str]]:
-    """(id, file bytes, fragment the error line must contain). ``{file}`` stands for the recipe's path."""
+def file_cases() -> list[tuple[str, bytes, str]]:
+    """Broken files (encoding, YAML, size, depth, duplicate keys): (id, bytes, fragment the error line must
+    contain; ``{file}`` stands for the file's path). Shared with the ``snapopt train`` spec fuzz."""
     rng = random.Random(13)
     out: list[tuple[str, bytes, str]] = []
     # -- the file itself --------------------------------------------------------------------------------
@@ -88,6 +89,13 @@ def cases() -> list[tuple[str, bytes, str]]:
         ("null-key", b"~: 1\nname: x\n", "not a string"),
         ("bool-key", b"true: 1\nname: x\n", "not a string"),
     ]
+    return out
+
+
+def cases() -> list[tuple[str, bytes, str]]:
+    """Every malformed recipe: broken files, then bad fields and bad pass options."""
+    rng = random.Random(13)
+    out = file_cases()
     # -- top-level fields ------------------------------------------------------------------------------------
     bad_values = {
         "name": ["", "has space", "../escape", "x" * 500, 5, None, [], {}, "-dash", ".dot", "ünïcode"],

@@ -203,6 +203,11 @@ def _check_component(sub: Path, class_name: str | None, *, finite: bool, structu
         raise ModelRefError(f"model component folder '{sub}' is missing")
     cfg_file = sub / "config.json"
     if not cfg_file.is_file():
+        if structured and any(sub.glob("*.json")):  # a snapopt structure file describes it instead
+            for f in sub.glob("*.json"):
+                load_json_file(f, "model structure file")
+            _read_weights(sub)
+            return
         raise ModelRefError(f"'{cfg_file}' is missing")
     cfg = load_json_file(cfg_file, "model config")
     if not isinstance(cfg, dict):

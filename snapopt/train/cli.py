@@ -84,6 +84,9 @@ def check_inputs(spec: Path, out: Path, *, resume: bool = False) -> None:
     data = load_json_file(spec, "spec") if spec.suffix == ".json" else load_yaml_file(spec, "spec")
     if not isinstance(data, dict):
         raise UsageError(f"spec '{spec}': expected a mapping at the top level, got {type(data).__name__}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise UsageError(f"spec '{spec}': key {str(bad_keys[0])[:40]!r} is not a string")
     model = data.get("model")
     if isinstance(model, str):
         try:
