@@ -424,7 +424,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for name in ("torchao", "diffusers", "transformers", "huggingface_hub"):
+    for name in ("torchao", "diffusers", "transformers", "huggingface_hub", "coremltools"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
