@@ -97,7 +97,7 @@ def snapshapes_model(pipe: Pipeline) -> bool:
 
 
 def quality_retained(teacher: Pipeline, student: Pipeline, *, steps: int, teacher_steps: int = 50, prompts: int = 16,
-                     cfg: float = 7.5, seed: int = 0, grid: "Path | None" = None, say=None) -> dict:
+                     cfg: float = 7.5, seed: int = 0, grid=None, say=None) -> dict:
     """FID / CLIP score / attribute accuracy of ``student`` at ``steps`` and ``teacher`` at ``teacher_steps`` on the
     same held-out snapshapes prompts and the same initial noise, and a grid of both (teacher row above student
     row, prompt by prompt). Returns {"teacher": metrics, "student": metrics, "prompts": [...], "grid": path}."""

@@ -70,17 +70,24 @@ def test_evaluate_separates_teacher_from_noise(pipe):
     assert result["fid"] < noise["fid"]
 
 
-def test_eval_command_writes_grid(tmp_path: Path, pipe, monkeypatch):
-    from diffusers import StableDiffusionPipeline
+def test_eval_command_writes_grid(tmp_path: Path):
+    """`snapopt eval` takes any model reference, a run's saved model too, and names the teacher it descends from."""
+    import json
+
     from typer.testing import CliRunner
 
+    from snapopt.errors import ModelRefError
+    from snapopt.models import load_model
+    from snapopt.serialization import save
     from snapopt.zoo.cli import app
 
-    loaded = []
-    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", lambda path, **kw: loaded.append(path) or pipe)
-    res = CliRunner().invoke(app, ["zoo:snapshapes", "--steps", "2", "--prompts", "2", "--out", str(tmp_path)])
+    res = CliRunner().invoke(app, ["zoo:snapshapes", "--steps", "2", "--prompts", "2", "--out", str(tmp_path / "zoo")])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "samples.png").exists() and "clip_score" in res.output
-    assert loaded == [zoo_path("snapshapes")]
+    assert (tmp_path / "zoo" / "samples.png").exists() and "clip_score" in res.output
+    save(load_model("zoo:snapshapes"), tmp_path / "run-model")  # what `snapopt apply` writes as run/model
+    res = CliRunner().invoke(app, [str(tmp_path / "run-model"), "--steps", "2", "--prompts", "2", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "descends from zoo:snapshapes" in " ".join(res.output.split())
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["teacher"] == "zoo:snapshapes"
     bad = CliRunner().invoke(app, ["zoo:nope", "--steps", "2", "--prompts", "2", "--out", str(tmp_path)])
-    assert bad.exit_code != 0
+    assert isinstance(bad.exception, ModelRefError)

@@ -10,24 +10,27 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import UnknownZooModel, zoo_path
 
 app = typer.Typer(help="Zoo teacher models and their evaluators.")
 
 
-def resolve_model(model: str) -> Path:
-    """A diffusers folder from a path or a ``zoo:<name>`` reference."""
-    if model.startswith("zoo:"):
-        return zoo_path(model)
-    path = Path(model)
-    if not (path / "model_index.json").exists():
-        raise typer.BadParameter(f"{model!r} is neither zoo:<name> nor a diffusers pipeline folder")
-    return path
+def resolve_model(model: str):
+    """Any model reference (zoo:<name>, arch:<preset>, a diffusers folder, a run's model folder) as a snapopt
+    Pipeline; bad references raise snapopt's ModelRefError (one line, exit code 2)."""
+    from snapopt.models.loading import load_model
+
+    return load_model(model)
+
+
+def teacher_of(pipe) -> str:
+    """The reference the model descends from (a run output's input model), which the scores are judged
+    against: the snapshapes evaluator scores prompts the zoo teacher was trained on."""
+    return str(pipe.extra.get("origin") or pipe.source)
 
 
 @app.command("eval")
 def eval_command(
-    model: str = typer.Argument(..., help="zoo:snapshapes or a diffusers pipeline folder"),
+    model: str = typer.Argument(..., help="any model reference: zoo:snapshapes, arch:<preset>, a diffusers folder, a run's model folder"),
     steps: int = typer.Option(50, help="DDIM sampling steps"),
     cfg: float = typer.Option(7.5, help="classifier-free guidance scale"),
     prompts: int = typer.Option(64, help="number of held-out prompts (one image each)"),
@@ -35,16 +38,14 @@ def eval_command(
     seed: int = typer.Option(0, help="sampling seed"),
 ) -> None:
     """Print FID, CLIP score and attribute accuracy; save a sample grid PNG and metrics.json."""
-    from diffusers import StableDiffusionPipeline
-
     from .evaluate import evaluate, save_grid
 
     console = Console()
-    try:
-        path = resolve_model(model)
-    except UnknownZooModel as err:
-        raise typer.BadParameter(str(err)) from err
-    pipe = StableDiffusionPipeline.from_pretrained(path)
+    model_pipe = resolve_model(model)
+    teacher = teacher_of(model_pipe)
+    pipe = model_pipe.to_diffusers()
+    console.print(f"{model}: descends from {teacher}; scored on zoo:snapshapes's held-out prompts "
+                  f"(compare with `snapopt eval {teacher} --steps 50`)")
     columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("", total=prompts)
@@ -54,7 +55,7 @@ def eval_command(
     result.pop("captions")
     out.mkdir(parents=True, exist_ok=True)
     grid = save_grid(images[:32], out / "samples.png")
-    (out / "metrics.json").write_text(json.dumps({"model": model, **result}, indent=2))
+    (out / "metrics.json").write_text(json.dumps({"model": model, "teacher": teacher, **result}, indent=2))
 
     table = Table(title=f"{model}: {prompts} held-out prompts, {steps} steps, CFG {cfg}")
     table.add_column("metric")
