@@ -108,14 +108,20 @@ class StepDistill(_TrainingPass):
     Options = StepDistillJob
 
     def train(self, teacher, program, out):
-        return run_step_distill(teacher, program, self.options, out)[0]
+        from snapopt.train.step_distill import loss_summary
+
+        stats, result = run_step_distill(teacher, program, self.options, out)
+        return {**stats, **loss_summary(result.history)}
 
     def report_rows(self, stats):
         n, h = stats["teacher_steps"], stats["student_steps"]
+        losses = [(f"distillation error, {kind} steps, first → last 10%",
+                   f"{_fmt(stats[f'distill_{kind}_first'])} → {_fmt(stats[f'distill_{kind}_last'])}")
+                  for kind in ("cfg", "plain") if stats.get(f"distill_{kind}_first") is not None]
         return f"Step distillation {n} → {h}", [(f"distance of {h}-step student samples to {n}-step teacher, before", stats["distance_before"]),
                 ("… after", stats["distance_after"]), (f"teacher itself at {h} steps", stats["teacher_at_half_steps"]),
                 (f"distance to the teacher on the halved {h}-step grid, before → after",
                  f"{_fmt(stats['distance_halved_before'])} → {_fmt(stats['distance_halved_after'])}"),
-                ("steps", stats["steps"]), ("images/s", stats["images_per_second"]),
+                ("steps", stats["steps"]), ("images/s", stats["images_per_second"]), *losses,
             *_zoo_rows(stats, {"zoo_teacher_n": f"teacher, {n} steps", "zoo_teacher_half": f"teacher, {h} steps",
                                "zoo_student_half": f"student, {h} steps"})]

@@ -41,9 +41,59 @@ def diffusers_pipeline(pipe):
     return sd
 
 
-def zoo_metrics(pipe, n_prompts: int, steps: int, cfg: float, seed: int) -> dict:
-    """FID (eval-CLIP features), CLIP score and attribute accuracy on held-out snapshapes prompts."""
-    from snapopt.zoo.evaluate import evaluate
+def zoo_metrics(pipe, n_prompts: int, steps: int, cfg: float, seed: int, grid=None) -> dict:
+    """FID (eval-CLIP features), CLIP score and attribute accuracy on held-out snapshapes prompts;
+    ``grid``: also save the images as one PNG there."""
+    from snapopt.zoo.evaluate import evaluate, save_grid
 
-    res = evaluate(diffusers_pipeline(pipe), steps=steps, cfg=cfg, n_prompts=n_prompts, seed=seed)
+    res = evaluate(diffusers_pipeline(pipe), steps=steps, cfg=cfg, n_prompts=n_prompts, seed=seed, return_images=grid is not None)
+    if grid is not None:
+        save_grid(res.pop("images"), grid)
+        res.pop("captions")
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
+
+
+def claim(student, teacher, *, student_steps: int = 8, teacher_steps: int = 50, n_prompts: int = 64, cfg: float = 7.5,
+          seed: int = 0, grid_dir=None) -> dict:
+    """SnapFusion's headline check on the zoo: the student at ``student_steps`` vs the teacher at ``teacher_steps``
+    (and at ``student_steps``), same held-out prompts, noise and CFG. ``met``: FID <=, CLIP >= and attribute
+    accuracy within 2 points of the teacher's many-step numbers."""
+    from pathlib import Path
+
+    runs = {f"teacher_{teacher_steps}": (teacher, teacher_steps), f"teacher_{student_steps}": (teacher, student_steps),
+            f"student_{student_steps}": (student, student_steps)}
+    rows = {k: zoo_metrics(p, n_prompts, n, cfg, seed, grid=Path(grid_dir) / f"{k}.png" if grid_dir else None)
+            for k, (p, n) in runs.items()}
+    ref, out = rows[f"teacher_{teacher_steps}"], rows[f"student_{student_steps}"]
+    checks = {"fid": out["fid"] <= ref["fid"], "clip_score": out["clip_score"] >= ref["clip_score"],
+              "attributes": out["attribute_accuracy"] >= ref["attribute_accuracy"] - 0.02}
+    return {"rows": rows, "checks": checks, "met": all(checks.values())}
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """``python -m snapopt.train.evaluation STUDENT TEACHER OUT.json [student_steps teacher_steps]``: the claim table as JSON."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from snapopt.models.loading import load_model
+    from snapopt.serialization import is_snapopt_model, load
+
+    args = sys.argv[1:] if argv is None else argv
+    student_ref, teacher_ref, out = args[:3]  # grids go beside OUT.json, named after it
+    steps = [int(a) for a in args[3:5]] or [8, 50]
+    student = load(student_ref) if is_snapopt_model(Path(student_ref)) else load_model(student_ref)
+    teacher = load_model(teacher_ref)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for p in (student, teacher):
+        for m in p.present_modules().values():
+            m.to(device).eval()
+    out = Path(out)
+    res = claim(student, teacher, student_steps=steps[0], teacher_steps=steps[1], grid_dir=out.parent / out.stem)
+    res.update(student=student_ref, teacher=teacher_ref)
+    out.write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    _main()

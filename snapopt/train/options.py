@@ -101,6 +101,8 @@ class StepDistillLoss(_Opts):
     cfg_probability: float = Field(0.0, ge=0, le=1, description="CFG-aware distillation with this probability per step")
     cfg_range: tuple[float, float] = Field((2.0, 14.0), description="guidance scale drawn uniformly from this range")
     original_weight: float = Field(0.0, ge=0, description="weight of the plain denoising loss mixed in")
+    cfg_normalise: bool = Field(False, description="divide a CFG-aware sample's error by w^2: the guided output's error grows "
+                                                    "with w, so without it the largest scales drown out the rest")
     weighting: Literal["snr_trunc", "output"] = Field(
         "snr_trunc", description="snr_trunc: x_0 error weighted by max(SNR, 1) (progressive distillation); "
                                  "output: plain MSE in the model's prediction space (under-weights the noisy steps that set the trajectory)")
