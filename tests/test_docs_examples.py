@@ -24,3 +24,29 @@ def test_clip_skip_recipe_from_docs(tmp_path):
     assert again.text_encoder.config.num_hidden_layers == 1
     assert len(getattr(again.text_encoder, "text_model", again.text_encoder).encoder.layers) == 1
     assert (out / "model" / "model_index.json").is_file()  # config expresses it: plain diffusers folder
+
+
+def _python_blocks(page: Path) -> list[str]:
+    text = page.read_text()
+    return [chunk.split("```", 1)[0] for chunk in text.split("```python\n")[1:]]
+
+
+def test_writing_a_pass_code_runs_as_written(tmp_path):
+    """The page's code block, copied as written (imports included), defines a working pass: run it in a fresh
+    interpreter and apply the pass it defines; it is also the example file the recipe above loads."""
+    import subprocess
+    import sys
+
+    (block,) = _python_blocks(DOCS / "writing-a-pass.md")
+    example = (DOCS / "examples" / "keep_text_layers.py").read_text()
+    assert block.strip() in example  # the page shows the file's code, not a paraphrase of it
+    script = tmp_path / "copied.py"
+    script.write_text(block + "\n"
+                      "from snapopt.core import PassContext\n"
+                      "from snapopt.models import load_model\n"
+                      "pipe = load_model('arch:tiny')\n"
+                      "out = KeepTextLayers({'keep': 1}).run(pipe, PassContext()).program\n"
+                      "print(out.text_encoder.config.num_hidden_layers)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "1"
