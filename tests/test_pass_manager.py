@@ -186,3 +186,20 @@ def test_plugins_cannot_take_builtin_names_or_exit(tmp_path):
     with pytest.raises(PluginError, match="name 'channel_prune' of the built-in pass"):
         PassRegistry().load_spec(str(tmp_path / "clash.py"))
     assert PassRegistry().get("channel_prune").__module__ == "snapopt.passes.channel_prune"
+
+
+def test_loaded_model_checks_for_run_apply(tiny, tiny_shapes):
+    """snapopt.checks.model's checks on a loaded pipeline: clean passes; an all-NaN VAE is refused by name."""
+    from snapopt.checks.model import check_pipeline_outputs, check_pipeline_weights
+    from snapopt.errors import ModelRefError
+
+    check_pipeline_weights(tiny)
+    check_pipeline_outputs(tiny, tiny_shapes)
+    with torch.no_grad():
+        for p in tiny.vae.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(ModelRefError, match="model 'arch:tiny': vae_decoder weight '.*' has non-finite values") as exc:
+        check_pipeline_weights(tiny)
+    assert exc.value.exit_code == 2
+    with pytest.raises(ModelRefError, match="component 'vae_decoder' output 0 has non-finite values at the recipe's shapes"):
+        check_pipeline_outputs(tiny, tiny_shapes)
