@@ -43,13 +43,17 @@ def test_usage_errors_exit_2_with_one_line(args, fragment, tmp_path):
     proc = _run(args, tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = _lines(proc.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
+    # case-insensitive: click 8.1 writes "Missing argument 'RECIPE'", 8.2+ "'recipe'"
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment.lower() in lines[0].lower(), proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bare_snapopt_prints_help_and_exits_2(tmp_path):
+def test_bare_snapopt_prints_help_and_exits_like_click(tmp_path):
+    from snapopt.errors import _click_classes
+
     proc = _run([], tmp_path)
-    assert proc.returncode == 2  # click's convention for a group called without a command
+    # click's convention for a group called without a command: 2 since click 8.2 (and typer's vendored click), 0 before
+    assert proc.returncode == (2 if _click_classes("NoArgsIsHelpError") else 0)
     assert "apply" in proc.stdout + proc.stderr and "internal error" not in proc.stderr
 
 
