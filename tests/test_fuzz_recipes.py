@@ -8,6 +8,7 @@ nothing — found before any model loads (``snapopt.run.apply`` is replaced by a
 from __future__ import annotations
 
 import gzip
+import os
 import random
 from pathlib import Path
 
@@ -222,6 +223,17 @@ def test_fuzz_malformed_recipes(tmp_path, capsys, tripwire, monkeypatch):
     clean = len(all_cases) - len(failures)
     print(f"\nfuzz recipes: {len(all_cases)} cases, {clean} clean ({100 * clean / len(all_cases):.1f}%)")
     assert not failures, "\n".join(failures)
+
+
+def test_recipe_paths_that_are_not_files(tmp_path, capsys, tripwire):
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    (tmp_path / "folder.yaml").mkdir()
+    for path, fragment in [(fifo, "not a regular file"), (Path("/dev/zero"), "not a regular file"),
+                           (tmp_path / "folder.yaml", "is a folder"), (tmp_path / "missing.yaml", "not found"),
+                           (tmp_path / ("n" * 300 + ".yaml"), "cannot be read")]:
+        code, err = _run(path, tmp_path / "run", capsys)
+        assert code == 2 and len(err) == 1 and fragment in err[0] and not (tmp_path / "run").exists(), (path, err)
 
 
 def test_valid_base_recipe_reaches_the_run(tmp_path, capsys, monkeypatch):

@@ -27,6 +27,8 @@ def read_text_file(path: str | Path, what: str = "file", max_bytes: int = MAX_BY
             raise UsageError(f"{what} '{path}' not found")
         if path.is_dir():
             raise UsageError(f"{what} '{path}' is a folder, not a file")
+        if not path.is_file():  # a FIFO or a device (/dev/zero) would block or never end
+            raise UsageError(f"{what} '{path}' is not a regular file")
         size = path.stat().st_size
         if size > max_bytes:
             raise UsageError(f"{what} '{path}' is {size:,} bytes; a {what} is at most {max_bytes:,}")
