@@ -115,7 +115,7 @@ def quality_retained(teacher: Pipeline, student: Pipeline, *, steps: int, teache
     if grid is not None:
         import torch
 
-        cols = 8
+        cols = min(8, prompts)  # input row above output row, prompt by prompt
         rows = []
         for i in range(0, prompts, cols):
             rows += [images["teacher"][i:i + cols], images["student"][i:i + cols]]

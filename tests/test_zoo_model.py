@@ -91,3 +91,35 @@ def test_eval_command_writes_grid(tmp_path: Path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["teacher"] == "zoo:snapshapes"
     bad = CliRunner().invoke(app, ["zoo:nope", "--steps", "2", "--prompts", "2", "--out", str(tmp_path)])
     assert isinstance(bad.exception, ModelRefError)
+
+
+def test_quality_retained_scores_both_and_renders(tmp_path: Path):
+    """The report's quality-retained section: the same prompts and noise for input and output, a grid with the
+    input above the output, and retained percentages computed from the two rows."""
+    import copy
+
+    from snapopt.models import load_model
+    from snapopt.quality import quality_retained, snapshapes_model
+    from snapopt.report import quality_section
+    from PIL import Image
+
+    teacher = load_model("zoo:snapshapes")
+    student = copy.copy(teacher)
+    assert snapshapes_model(teacher) and not snapshapes_model(load_model("arch:tiny", structure_only=True))
+    q = quality_retained(teacher, student, steps=2, teacher_steps=2, prompts=2, grid=tmp_path / "grid.png")
+    timeless = lambda r: {k: v for k, v in r.items() if k != "seconds_per_image"}  # noqa: E731
+    assert timeless(q["teacher"]) == timeless(q["student"])  # same model, steps and noise: identical scores
+    assert Image.open(tmp_path / "grid.png").size == (2 * 128, 2 * 128)  # 2 prompts: input row above output row
+    md = "\n".join(quality_section(q))
+    assert "| attribute accuracy |" in md and "| 100% |" in md and "grid.png" in md
+
+
+def test_quality_settings_follow_step_distillation():
+    from types import SimpleNamespace
+
+    from snapopt.run import QUALITY_DEFAULTS, quality_settings
+
+    rec = SimpleNamespace(name="step_distill", stats={"student_steps": 8})
+    assert quality_settings(SimpleNamespace(), [rec])["steps"] == 8
+    assert quality_settings(SimpleNamespace(), []) == QUALITY_DEFAULTS
+    assert quality_settings(SimpleNamespace(quality={"steps": 4, "prompts": 8}), [rec])["steps"] == 4
