@@ -177,7 +177,7 @@ def cases() -> list[tuple[str, bytes, str]]:
     for name, opts in bad_options.items():
         for j, o in enumerate(opts):
             key = next(iter(o), None)
-            out.append((f"{name}.options[{j}]", _yaml(_pass(name, o)), f"passes[0].options" + (f".{key}" if key and len(o) == 1 else "")))
+            out.append((f"{name}.options[{j}]", _yaml(_pass(name, o)), "passes[0].options" + (f".{key}" if key and len(o) == 1 else "")))
     return out
 
 
