@@ -69,3 +69,19 @@ def test_steps_override_shortens_warmup_too():
     short = load_spec(spec, {"steps": 3}).job_options().train
     assert short.steps == 3 and short.optim.warmup_steps == 3
     assert load_spec(spec, {"steps": 500}).job_options().train.optim.warmup_steps == 100
+
+
+def test_step_distill_pass_reports_cfg_and_plain_errors_apart(tiny_pipe, tiny_shapes, tmp_path):
+    """The logged total alternates between CFG-aware and plain steps (~30x apart); the report gives each its own row."""
+    from snapopt.core import PassContext, PassManager
+    from snapopt.passes.recover import StepDistill
+
+    ctx = PassContext(shapes=tiny_shapes, work_dir=tmp_path, teacher=tiny_pipe)
+    opts = {"train": {"steps": 4, "batch": 2, "progress": False, "optim": {"lr": 1e-5}}, "eval_prompts": 1,
+            "loss": {"teacher_steps": 4, "cfg_probability": 0.5}}
+    _, records = PassManager([StepDistill(opts)], ctx).run(tiny_pipe)
+    stats = records[0].stats
+    assert stats["student_steps"] == 2 and {"distill_cfg_first", "distill_plain_last"} <= set(stats)
+    lines = "\n".join(ctx.report["sections"][-1]["lines"])
+    kinds = [k for k in ("cfg", "plain") if stats[f"distill_{k}_first"] is not None]
+    assert kinds and all(f"distillation error, {k} steps, first → last 10%" in lines for k in kinds)

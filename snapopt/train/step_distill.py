@@ -12,7 +12,7 @@ learns the guided trajectory it will be sampled with; otherwise the plain (condi
 
 Learning rate: the student starts as the teacher, whose single step is already within ~1e-3 of its two
 steps (unguided). That optimum is sharp: a gradient step of norm 0.1 in weight space multiplies the tiny
-model's loss by 20. Adam moves every weight by about ``lr`` per step, a step of norm ``lr * sqrt(#params)``
+model's loss by ~18. Adam moves every weight by about ``lr`` per step, a step of norm ``lr * sqrt(#params)``
 (0.37 for the 13.6 M zoo UNet at 1e-4), so at recovery-style rates the student is knocked off the
 teacher's trajectory and the distance to it *grows* (0.36 -> 0.52 measured). 1e-5 makes it shrink
 (0.36 -> 0.29); docs/training.md has the sweep.
