@@ -315,3 +315,28 @@ def test_step_distillation_brings_the_student_to_the_teacher_trajectory(tiny_pip
         assert after > before, (before, after)
     s = loss_summary(hist)
     assert s["distill_cfg_first"] > 0 and s["distill_plain_first"] is None  # every step was CFG-aware
+
+
+def test_claim_compares_the_student_with_the_many_step_teacher(monkeypatch, tmp_path):
+    """FID <=, CLIP >= and attributes within 2 points of the teacher's many-step scores; bad arguments are one line."""
+    from snapopt.errors import UsageError
+    from snapopt.train import evaluation
+
+    scores = {("t", 50): (15.9, 95.6, 0.905), ("t", 8): (21.9, 91.4, 0.823), ("s", 8): (15.8, 95.7, 0.890)}
+    seen = []
+
+    def fake(pipe, n, steps, cfg, seed, grid=None):
+        seen.append((pipe, steps, n, cfg, grid and grid.name))
+        fid, clip, attr = scores[(pipe, steps)]
+        return {"fid": fid, "clip_score": clip, "attribute_accuracy": attr}
+
+    monkeypatch.setattr(evaluation, "zoo_metrics", fake)
+    res = evaluation.claim("s", "t", grid_dir=tmp_path)
+    assert res["met"] and set(res["rows"]) == {"teacher_50", "teacher_8", "student_8"}
+    assert ("s", 8, 64, 7.5, "student_8.png") in seen and ("t", 50, 64, 7.5, "teacher_50.png") in seen
+    scores[("s", 8)] = (15.8, 95.7, 0.88)  # 2.5 points below the teacher's attributes
+    assert evaluation.claim("s", "t")["checks"] == {"fid": True, "clip_score": True, "attributes": False}
+    with pytest.raises(UsageError, match="STUDENT TEACHER OUT.json"):
+        evaluation._main(["a", "b"])
+    with pytest.raises(UsageError, match="positive integers"):
+        evaluation._main(["a", "b", "c.json", "8", "x"])

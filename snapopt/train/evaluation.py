@@ -70,17 +70,22 @@ def claim(student, teacher, *, student_steps: int = 8, teacher_steps: int = 50, 
     return {"rows": rows, "checks": checks, "met": all(checks.values())}
 
 
-def _main(argv: list[str] | None = None) -> None:
-    """``python -m snapopt.train.evaluation STUDENT TEACHER OUT.json [student_steps teacher_steps]``: the claim table as JSON."""
+def _main(argv: list[str] | None = None) -> dict:
+    """``python -m snapopt.train.evaluation STUDENT TEACHER OUT.json [STUDENT_STEPS TEACHER_STEPS]``: the claim
+    table as JSON; the sample grids go in a folder beside OUT.json, named after it."""
     import json
     import sys
     from pathlib import Path
 
+    from snapopt.errors import UsageError
     from snapopt.models.loading import load_model
     from snapopt.serialization import is_snapopt_model, load
 
     args = sys.argv[1:] if argv is None else argv
-    student_ref, teacher_ref, out = args[:3]  # grids go beside OUT.json, named after it
+    if len(args) not in (3, 5) or not all(a.isdigit() and int(a) > 0 for a in args[3:]):
+        raise UsageError("usage: python -m snapopt.train.evaluation STUDENT TEACHER OUT.json [STUDENT_STEPS TEACHER_STEPS]"
+                         f" (steps: positive integers); got {args}")
+    student_ref, teacher_ref, out = args[0], args[1], Path(args[2])
     steps = [int(a) for a in args[3:5]] or [8, 50]
     student = load(student_ref) if is_snapopt_model(Path(student_ref)) else load_model(student_ref)
     teacher = load_model(teacher_ref)
@@ -88,12 +93,20 @@ def _main(argv: list[str] | None = None) -> None:
     for p in (student, teacher):
         for m in p.present_modules().values():
             m.to(device).eval()
-    out = Path(out)
     res = claim(student, teacher, student_steps=steps[0], teacher_steps=steps[1], grid_dir=out.parent / out.stem)
     res.update(student=student_ref, teacher=teacher_ref)
     out.write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
+    return res
 
 
 if __name__ == "__main__":
-    _main()
+    import sys
+
+    from snapopt.errors import SnapoptError
+
+    try:
+        _main()
+    except SnapoptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
