@@ -170,7 +170,10 @@ def run_step_distill(teacher, program, o: StepDistillJob, out_dir: Path | None, 
             stats["zoo_teacher_n"] = zoo_metrics(ref, o.zoo_eval_prompts, n, o.eval_cfg, o.train.seed)
             stats["zoo_teacher_half"] = zoo_metrics(ref, o.zoo_eval_prompts, half, o.eval_cfg, o.train.seed)
             stats["zoo_student_half"] = zoo_metrics(program, o.zoo_eval_prompts, half, o.eval_cfg, o.train.seed)
+    from snapopt.train.step_distill import loss_summary
+
     stats.update(_train_stats(result))
+    stats.update(loss_summary(result.history))  # CFG-aware and plain errors apart: their scales differ ~30x
     return stats, result
 
 
