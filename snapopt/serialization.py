@@ -98,6 +98,8 @@ def describe_structure(module: torch.nn.Module) -> list[dict[str, Any]] | None:
     base_cls = _diffusers_base(module)
     if base_cls is None:
         return None
+    if any(getattr(m, "kv_heads", None) is not None for m in module.modules()):
+        return None  # grouped/multi-query attention needs snapopt's processor: diffusers' own would compute it wrong
     cfg = plain_config(module)
     try:
         with torch.device("meta"):
