@@ -252,18 +252,20 @@ def list_targets(as_json: bool = typer.Option(False, "--json", help="print the t
         d = tgt.device
         rows.append({"id": tid, "device": d.name, "chip": d.chip.name, "ane_tops": d.chip.ane_tops,
                      "ane_tops_precision": d.chip.ane_tops_precision, "dram_gbs": d.chip.memory_bandwidth_gbs, "ios": d.ios,
-                     "profile": {"attention": tgt.profile.attention, "weight_bits": tgt.profile.weight_bits,
-                                 "compute_units": tgt.profile.compute_units}, "source": source})
+                     "profile": {"name": tgt.profile.name, "attention": tgt.profile.attention, "weight_bits": tgt.profile.weight_bits,
+                                 "compute_units": tgt.profile.compute_units},
+                     "calibrated_profiles": list(tgt.calibrated_profiles), "source": source})
     if as_json:
         _print_json({"targets": rows})
         return
     t = Table(title="snapopt targets")
-    for col in ("id", "device", "chip", "ANE TOPS", "DRAM GB/s", "iOS", "profile", "source"):
+    for col in ("id", "device", "chip", "ANE TOPS", "DRAM GB/s", "iOS", "profile", "calibrated", "source"):
         t.add_column(col, no_wrap=col == "id")
     for r in rows:
         pr = r["profile"]
         t.add_row(r["id"], r["device"], r["chip"], f"{r['ane_tops']:g} ({r['ane_tops_precision']})", f"{r['dram_gbs']:g}",
-                  r["ios"], f"{pr['attention']}, {pr['weight_bits']}-bit, {pr['compute_units']}", r["source"])
+                  r["ios"], f"{pr['name']}: {pr['attention']}, {pr['weight_bits']}-bit, {pr['compute_units']}",
+                  ", ".join(r["calibrated_profiles"]) or "uncalibrated", r["source"])
     console.print(t)
 
 
