@@ -48,7 +48,7 @@ def test_coreml_packages_carry_apples_interface(bk_tiny_run):
                               "encoder_hidden_states": {"shape": [2, 32, 1, 77], "dtype": "float16"}}
     assert list(unet["outputs"]) == ["noise_pred"]
     assert list(cm["vae_decoder"]["inputs"]) == ["z"] and cm["vae_decoder"]["outputs"]["image"]["shape"] == [1, 3, 64, 64]
-    assert cm["text_encoder"]["inputs"]["input_ids"] == {"shape": [1, 77], "dtype": "int32"}
+    assert cm["text_encoder"]["inputs"]["input_ids"] == {"shape": [1, 77], "dtype": "float32"}  # what Apple's Swift pipeline feeds
     assert list(cm["text_encoder"]["outputs"]) == ["last_hidden_state", "pooled_outputs"]
     assert bk_tiny_run.report["exports"]["coreml_deployment_target"].endswith("iOS17")
 
