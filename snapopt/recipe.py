@@ -32,6 +32,16 @@ class VerifySpec(_Strict):
     tolerance: float = Field(1e-4, gt=0, le=1.0, allow_inf_nan=False)
 
 
+class QualitySpec(_Strict):
+    """Quality retained: the output at ``steps`` against the input at ``input_steps`` (snapshapes models)."""
+
+    enabled: bool = True
+    steps: int = Field(25, ge=1, le=1000, description="sampling steps the output runs at (default: a step_distill pass's student steps, else 25)")
+    input_steps: int = Field(50, ge=1, le=1000)
+    prompts: int = Field(16, ge=1, le=256)
+    cfg: float = Field(7.5, ge=1, le=50)
+
+
 class OutputSpec(_Strict):
     save_model: bool = True
     dtype: Literal["float32", "float16"] = "float32"
@@ -55,6 +65,7 @@ class Recipe(_Strict):
     targets: list[str] = Field(default_factory=lambda: ["iphone-14-pro"], max_length=32)
     export: ExportSpec = Field(default_factory=ExportSpec)
     verify: VerifySpec = Field(default_factory=VerifySpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
 

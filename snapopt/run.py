@@ -24,7 +24,9 @@ import yaml
 
 from snapopt.capture import block_graph
 from snapopt.core import PassContext, PassManager
-from snapopt.devices.report import latency_report
+from snapopt.checks.model import check_pipeline_outputs, check_pipeline_weights
+from snapopt.checks.output import check_output_dir
+from snapopt.devices.report import latency_report, pipeline_report
 from snapopt.lowering.export import lower_exports
 from snapopt.lowering.interfaces import Shapes
 from snapopt.models.loading import load_model
@@ -47,10 +49,7 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, p
     recipe = resolved.recipe
     say = progress or (lambda msg: None)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        from snapopt.errors import UsageError
-
-        raise UsageError(f"output folder '{out_dir}' already exists; pass --overwrite or choose another --out")
+    check_output_dir(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     timings: dict[str, float] = {}
@@ -66,7 +65,10 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, p
     try:
         with stage("load model"):
             pipe = load_model(recipe.model, seed=recipe.seed, resolution=recipe.resolution)
+            check_pipeline_weights(pipe)  # every component, not only those a pass touches
         shapes = Shapes(resolution=pipe.resolution, batch=recipe.batch)
+        with stage("check model outputs"):
+            check_pipeline_outputs(pipe, shapes, recipe.seed)
         components = [c for c in ("unet", "vae_decoder", "text_encoder") if c in pipe.components()]
 
         with stage("capture baseline"):
@@ -107,7 +109,8 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, p
             (tmp / "blocks").mkdir(exist_ok=True)
             (tmp / "blocks" / f"{comp}.json").write_text(json.dumps(g.to_json(), indent=1))
 
-        report = build_report(resolved, pipe, shapes, before, after, records, exports, time.perf_counter() - started, ctx)
+        report = build_report(resolved, pipe, shapes, before, after, records, exports, time.perf_counter() - started, ctx,
+                              steps=settings["steps"])
         report["quality"] = quality
         report["scheduler"] = scheduler_note(ctx.teacher, pipe)
         report["timings"] = dict(timings)
@@ -160,7 +163,9 @@ def scheduler_note(teacher, pipe) -> dict[str, str]:
             and dict(given.config) == dict(shipped.config)}
 
 
-def build_report(resolved, pipe, shapes, before, after, records, exports, seconds, ctx) -> dict[str, Any]:
+def build_report(resolved, pipe, shapes, before, after, records, exports, seconds, ctx, *, steps: int = 50) -> dict[str, Any]:
+    """Everything the run measured, as one JSON document. ``steps``: the sampling steps the output is meant
+    to run at (the quality section's), priced against the input at 50 in the headline."""
     comps = {}
     for c in after:
         b, a = before[c].totals(), after[c].totals()
@@ -168,7 +173,12 @@ def build_report(resolved, pipe, shapes, before, after, records, exports, second
         for row in comps[c]["blocks"]:
             row["out_shape"] = list(row["out_shape"])
     latency, latency_lines = latency_report(resolved.targets, before, after)
-    sections = list(ctx.report.get("sections", []))
+    headline, headline_lines = pipeline_report(resolved.targets, before, after, steps=steps)
+    sections = []
+    if headline_lines:
+        sections.append({"title": "Predicted image time per target", "lines": headline_lines})
+    sections += list(ctx.report.get("sections", []))
+    sections += list(exports.get("sections", []))
     if latency_lines:
         sections.append({"title": "Predicted latency per target", "lines": latency_lines})
     return {
@@ -180,6 +190,7 @@ def build_report(resolved, pipe, shapes, before, after, records, exports, second
         "passes": [r.to_json() for r in records],
         "exports": exports,
         "latency": latency,
+        "pipeline": headline,
         "extra_sections": sections,
         "seconds": seconds,
     }

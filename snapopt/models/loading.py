@@ -45,7 +45,7 @@ def load_model(
         except ValueError as exc:
             raise ModelRefError(str(exc)) from None
         pipe = load_folder(folder, wanted, source=ref)
-    elif Path(ref).expanduser().exists():
+    elif _exists(ref):
         folder = Path(ref).expanduser()
         from snapopt.serialization import is_snapopt_model
 
@@ -105,7 +105,16 @@ def load_folder(folder: Path, components: Iterable[str] = _DEFAULT_COMPONENTS, *
         if (folder / "config.json").is_file():
             raise ModelRefError(f"'{folder}' holds a single model, not a pipeline; pass its parent pipeline folder")
         raise ModelRefError(f"'{folder}' is not a diffusers pipeline folder (no model_index.json)")
+    from snapopt.checks.model import check_model_folder
+
+    # configs typed, safetensors headers and tensor names sane, tokenizer present: one line naming the file
+    # instead of an error from deep inside from_pretrained (finiteness is checked after load, once)
+    check_model_folder(folder, _folder_components(components), finite=False)
     return _load_diffusers(str(folder), components, source=source or str(folder), local_files_only=True)
+
+
+def _folder_components(components: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys("vae" if c.startswith("vae") else c for c in components))
 
 
 def load_hub(repo_id: str, components: Iterable[str] = _DEFAULT_COMPONENTS) -> Pipeline:
@@ -117,26 +126,18 @@ def load_hub(repo_id: str, components: Iterable[str] = _DEFAULT_COMPONENTS) -> P
         pass
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "5")
-    reachable, reason = _hub_reachable(timeout=5.0)
-    if not reachable:
-        raise ModelRefError(
-            f"cannot load '{repo_id}': the Hugging Face hub is unreachable ({reason}); "
-            "download the pipeline elsewhere and pass its local folder"
-        )
+    from snapopt.checks.model import check_hub_reachable
+
+    check_hub_reachable(repo_id)  # bounded, DNS included: offline fails in seconds with one line
     return _load_diffusers(repo_id, components, source=repo_id, local_files_only=False)
 
 
-def _hub_reachable(timeout: float) -> tuple[bool, str]:
-    import socket
-    from urllib.parse import urlparse
-
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urlparse(endpoint).hostname or "huggingface.co"
+def _exists(ref: str) -> bool:
+    """Whether ``ref`` names a path; a reference the OS cannot even look up (too long, NUL) is bad input."""
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True, ""
-    except OSError as exc:
-        return False, f"{host}: {exc.__class__.__name__}"
+        return Path(ref).expanduser().exists()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelRefError(f"model '{ref[:60]}': {exc.__class__.__name__}: {str(exc)[:80]}") from None
 
 
 def _looks_like_hub_id(ref: str) -> bool:
@@ -160,7 +161,7 @@ def _load_diffusers(location: str, components: Iterable[str], *, source: str, lo
         tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw)
         scheduler = DDIMScheduler.from_pretrained(location, subfolder="scheduler", **kw)  # what snapopt samples with
         shipped = _shipped_scheduler(location, kw)  # what the model ships (PNDM for SD-v1.5); saved outputs keep it
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError, TypeError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise ModelRefError(f"cannot load '{source}': {first}") from None
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
