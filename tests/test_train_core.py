@@ -122,6 +122,23 @@ def test_every_step_is_logged_and_nan_stops_before_a_checkpoint(tmp_path):
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+def test_loss_log_is_on_disk_before_the_checkpoint_that_covers_it(tmp_path, monkeypatch):
+    """A kill during (or right after) a checkpoint write must not lose the losses of the steps it covers."""
+    from snapopt.train import Trainer, checkpoint, logs
+
+    seen = []
+
+    def killed_while_writing(root, step, **kw):
+        seen.append((step, [r["step"] for r in logs.read_csv(tmp_path / "losses.csv")]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "write", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_BlowsUp(at=10**6), _train(steps=40, checkpoint_every=10), tmp_path).run()
+    assert seen == [(10, list(range(10)))]
+    assert not list(tmp_path.glob(".losses.csv.tmp"))  # written atomically: no partial file left behind
+
+
 def test_resume_is_exact(tiny_pipe, tmp_path):
     from snapopt.train import RecoverLoss, RobustOptions, Trainer
     from snapopt.train.recover import RecoverObjective

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 
@@ -15,13 +16,19 @@ def read_csv(path: Path, before_step: int | None = None) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
+    """Replace ``path`` atomically: a kill mid-write leaves the previous log whole, never a truncated one."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 #: logged columns that are not losses (bookkeeping and per-step indicators)

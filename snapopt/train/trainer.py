@@ -219,7 +219,9 @@ class Trainer:
 
     def _save(self, root: Path, done: int, module, opt, ema, history) -> None:
         if self.info.main:
+            # the log first: a checkpoint must never cover steps whose losses are not on disk (a resume keeps
+            # the log's rows before the checkpoint's step and appends from there)
+            logs.write_csv(self.out_dir / "losses.csv", history)
             ckpt.write(root, done, model=module.state_dict(), optimizer=opt.state_dict(), ema=ema.state_dict() if ema else None,
                        meta={"job": self._job_id()}, shard_mb=self.o.shard_mb, keep=self.o.keep_checkpoints)
-            logs.write_csv(self.out_dir / "losses.csv", history)
         dist.barrier(self.info)
