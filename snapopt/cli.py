@@ -273,7 +273,7 @@ def list_targets(as_json: bool = typer.Option(False, "--json", help="print the t
 def export(
     model: str = typer.Argument(..., help="model reference"),
     out: Path = typer.Option(..., "--out", "-o", help="folder to write (must not exist)"),
-    fmt: str = typer.Option("coreml,onnx", "--format", help="coreml, onnx or both"),
+    fmt: str = typer.Option("coreml,onnx", "--format", help="coreml, onnx, coreai (comma-separated)"),
     component: str = typer.Option("unet,vae_decoder,text_encoder", help="comma-separated components"),
     target: str = typer.Option("iphone-14-pro", help="target whose iOS sets the Core ML deployment target"),
     resolution: Optional[int] = typer.Option(None),
@@ -286,12 +286,12 @@ def export(
     from snapopt.recipe import validate_recipe
 
     formats = {f.strip() for f in fmt.split(",") if f.strip()}
-    unknown = formats - {"coreml", "onnx"}
+    unknown = formats - {"coreml", "onnx", "coreai"}
     if unknown or not formats:
-        raise UsageError(f"--format: unknown format '{unknown.pop() if unknown else fmt}'; expected coreml, onnx or both")
+        raise UsageError(f"--format: unknown format '{unknown.pop() if unknown else fmt}'; expected coreml, onnx, coreai (comma-separated)")
     resolved = validate_recipe({
         "name": "export", "model": model, "resolution": resolution, "batch": batch, "targets": [target],
-        "export": {"coreml": "coreml" in formats, "onnx": "onnx" in formats, "components": _components(component),
+        "export": {"coreml": "coreml" in formats, "onnx": "onnx" in formats, "coreai": "coreai" in formats, "components": _components(component),
                    "weight_bits": weight_bits},
         "output": {"save_model": False},
     })
@@ -302,7 +302,7 @@ def export(
         cleanup_stale_runs(out, alone=alone)
         result = run_apply(resolved, out, progress=lambda m: err_console.print(f"[snapopt] {m}", markup=False, highlight=False),
                            argv=sys.argv)
-    files = result.report["exports"]["coreml"] + result.report["exports"]["onnx"]
+    files = result.report["exports"]["coreml"] + result.report["exports"]["onnx"] + result.report["exports"].get("coreai", [])
     if as_json:
         _print_json({"out": str(result.out_dir), "exports": result.report["exports"]})
         return

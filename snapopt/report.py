@@ -97,7 +97,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for section in report.get("extra_sections", []):
         out += [f"## {section['title']}", "", *section["lines"], ""]
     ex = report.get("exports", {})
-    if ex.get("coreml") or ex.get("onnx"):
+    if ex.get("coreml") or ex.get("onnx") or ex.get("coreai"):
         out += ["## Exports", "", "| format | component | file | size | interface | check |", "|---|---|---|---:|---|---|"]
         for e in ex.get("coreml", []):
             names = ", ".join(e["inputs"]) + " → " + ", ".join(e["outputs"])
@@ -105,6 +105,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         for e in ex.get("onnx", []):
             check = f"onnxruntime rel err {e['onnxruntime_relative_error']:.2e}" if "onnxruntime_relative_error" in e else "–"
             out.append(f"| ONNX | {e['component']} | {e['file']} | {e['bytes'] / 1e6:.1f} MB | | {check} |")
+        for e in ex.get("coreai", []):
+            check = f"coreai.runtime rel err {e['coreai_runtime_relative_error']:.2e}" if "coreai_runtime_relative_error" in e else "–"
+            out.append(f"| Core AI | {e['component']} | {e['file']} | {e['bytes'] / 1e6:.1f} MB | "
+                       f"{', '.join(e['inputs'])} → {', '.join(e['outputs'])} | {check} |")
         if ex.get("resources"):
             out += ["", f"Core ML resources also hold: {', '.join(ex['resources'])}. Compile the packages on a Mac "
                     "(`xcrun coremlcompiler compile X.mlpackage .`) for Apple's Swift StableDiffusionPipeline."]
