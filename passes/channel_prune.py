@@ -65,6 +65,9 @@ class ChannelPruneOptions(ComponentOptions):
     criterion: Literal["l1", "l2", "taylor"] = Field("l1", description="importance: weight magnitude or first-order Taylor")
     heads: Literal["dim", "whole"] = Field("dim", description=(
         "attention: shrink every head's dim equally (keeps the head count, as diffusers' config assumes) or drop whole heads"))
+    groups: Literal["dim", "whole"] = Field("dim", description=(
+        "GroupNorm: keep every group with fewer channels (num_groups unchanged, as diffusers' config assumes) or "
+        "drop whole groups and lower num_groups, so each kept group normalises exactly the channels it did"))
     # each batch is a forward+backward of the component: 64 is minutes at full size, 1e30 never ends
     calibration_batches: int = Field(1, ge=1, le=64, description="seeded batches for the Taylor criterion")
     with_encoder: bool = Field(False, description=(
@@ -118,7 +121,7 @@ class ChannelPrune(Pass):
             raise UsageError(f"channel_prune: keep names group '{unknown[0]}', which this model does not have")
         groups, frozen, unhandled = [], [], {}
         for part, (dg, part_groups, part_keep, criterion) in zip(parts, plans):
-            _apply(program.component(part), part_groups, part_keep, dg)
+            _apply(program.component(part), part_groups, part_keep, dg, opts)
             groups += part_groups
             frozen += dg.frozen + [x.name for x in dg.groups if _protected(x)]
             unhandled.update(dg.unhandled)
@@ -237,7 +240,7 @@ def _taylor_grads(program, component: str, root: nn.Module, ctx: PassContext, ba
 # ---- how many and which ---------------------------------------------------------------------------------
 def _unit(g: ChannelGroup, opts: ChannelPruneOptions) -> int:
     """Kept rows come in multiples of this: round_to, the GroupNorm groups/heads, concatenation GroupNorms."""
-    if g.structure == "heads" and opts.heads == "whole":
+    if _whole(g, opts):
         return lcm(g.size // g.n_blocks, g.multiple)
     return lcm(opts.round_to, g.n_blocks if g.structure else 1, g.multiple)
 
@@ -257,11 +260,20 @@ def _choose(groups: list[ChannelGroup], scores: dict[str, np.ndarray], opts: Cha
             # the nearest feasible count; an exact tie goes to whichever keeps the running total on target
             count = min((lo, hi), key=lambda c: (round(abs(c - target), 6), abs(kept_total + c - target_total)))
         kept_total += count
-        keep[g.name] = _select(g, scores[g.name], count, whole_heads=g.structure == "heads" and opts.heads == "whole")
+        keep[g.name] = _select(g, scores[g.name], count, whole_blocks=_whole(g, opts))
     return keep
 
 
-def _select(g: ChannelGroup, score: np.ndarray, count: int, *, whole_heads: bool) -> np.ndarray:
+def _whole(g: ChannelGroup, opts: ChannelPruneOptions) -> bool:
+    """Whether this group drops whole blocks: whole heads, or whole GroupNorm groups where every GroupNorm
+    on the group has the same groups (a coarser GroupNorm would be left with partial groups) and no
+    GroupNorm over a concatenation reads it (that one keeps its num_groups)."""
+    if g.structure == "heads":
+        return opts.heads == "whole"
+    return g.structure == "groupnorm" and opts.groups == "whole" and g.multiple == 1 and g.uniform_blocks
+
+
+def _select(g: ChannelGroup, score: np.ndarray, count: int, *, whole_blocks: bool) -> np.ndarray:
     """The ``count`` best rows, an equal number per block (or whole blocks); ties go to the lower index."""
     if count >= g.size:
         return np.arange(g.size)
@@ -269,7 +281,7 @@ def _select(g: ChannelGroup, score: np.ndarray, count: int, *, whole_heads: bool
         order = sorted(range(g.size), key=lambda i: (-score[i], i))
         return np.sort(np.array(order[:count]))
     nb = g.n_blocks
-    if whole_heads:
+    if whole_blocks:
         block_score = [score[g.block_of == b].sum() for b in range(nb)]
         best = sorted(range(nb), key=lambda b: (-block_score[b], b))[: count // (g.size // nb)]
         return np.sort(np.flatnonzero(np.isin(g.block_of, best)))
@@ -322,7 +334,8 @@ def _group_row(g: ChannelGroup, kept: np.ndarray, requested: float) -> dict:
 
 
 # ---- edit the modules -----------------------------------------------------------------------------------
-def _apply(root: nn.Module, groups: list[ChannelGroup], keep: dict[str, np.ndarray], dg: DependencyGraph) -> None:
+def _apply(root: nn.Module, groups: list[ChannelGroup], keep: dict[str, np.ndarray], dg: DependencyGraph,
+           opts: ChannelPruneOptions | None = None) -> None:
     removed: dict[tuple[str, int], set[int]] = {}
     for g in groups:
         drop = np.setdiff1d(np.arange(g.size), keep[g.name])
@@ -337,14 +350,27 @@ def _apply(root: nn.Module, groups: list[ChannelGroup], keep: dict[str, np.ndarr
         kept = torch.tensor([i for i in range(p.shape[dim]) if i not in rows], dtype=torch.long, device=p.device)
         new = nn.Parameter(p.detach().index_select(dim, kept).clone(), requires_grad=p.requires_grad)
         setattr(owner, attr, new)
-    _sync_attributes(root, keep, groups, dg)
+    _sync_attributes(root, keep, groups, dg, _groups_left(keep, groups, opts))
 
 
-def _sync_attributes(root: nn.Module, keep: dict[str, np.ndarray], groups: list[ChannelGroup], dg: DependencyGraph) -> None:
+def _groups_left(keep: dict[str, np.ndarray], groups: list[ChannelGroup], opts: ChannelPruneOptions | None) -> dict[str, int]:
+    """GroupNorm module -> num_groups after whole-group pruning: the blocks with a kept row."""
+    out = {}
+    for g in groups:
+        if opts is not None and g.structure == "groupnorm" and _whole(g, opts):
+            left = len(set(g.block_of[keep[g.name]].tolist()))
+            for module in g.modules:
+                out[module] = left
+    return out
+
+
+def _sync_attributes(root: nn.Module, keep: dict[str, np.ndarray], groups: list[ChannelGroup], dg: DependencyGraph,
+                     groups_left: dict[str, int] | None = None) -> None:
     """Make every size attribute diffusers (and torch) reads agree with the new weights."""
     from diffusers.models.attention_processor import Attention
 
     heads_left = _heads_left(keep, groups, dg)
+    groups_left = groups_left or {}
     for path, m in root.named_modules():
         if isinstance(m, nn.Conv2d):
             m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
@@ -352,6 +378,7 @@ def _sync_attributes(root: nn.Module, keep: dict[str, np.ndarray], groups: list[
             m.out_features, m.in_features = m.weight.shape
         elif isinstance(m, nn.GroupNorm) and m.weight is not None:
             m.num_channels = m.weight.shape[0]
+            m.num_groups = groups_left.get(path, m.num_groups)
             if m.num_channels % m.num_groups:
                 raise UsageError(f"channel_prune: GroupNorm '{path}' would keep {m.num_channels} channels, "
                                  f"not divisible by its {m.num_groups} groups; use a round_to that is a multiple of it")
@@ -414,7 +441,7 @@ def _sync_config(program, component: str) -> None:
         return
     cfg = vae_config_for(program.vae)
     if cfg is not None:
-        program.vae.register_to_config(block_out_channels=cfg["block_out_channels"])
+        program.vae.register_to_config(block_out_channels=cfg["block_out_channels"], norm_num_groups=cfg["norm_num_groups"])
 
 
 def decoder_block_out_channels(vae: nn.Module) -> tuple[int, ...]:
@@ -429,6 +456,7 @@ def vae_config_for(vae: nn.Module, *, decoder_only: bool = False) -> dict | None
 
     cfg = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
     cfg["block_out_channels"] = decoder_block_out_channels(vae)
+    cfg["norm_num_groups"] = vae.decoder.conv_norm_out.num_groups  # lowered by groups: whole
     try:
         with torch.device("meta"):
             probe = AutoencoderKL.from_config(cfg)
@@ -439,4 +467,8 @@ def vae_config_for(vae: nn.Module, *, decoder_only: bool = False) -> dict | None
         return {k: tuple(v.shape) for k, v in m.state_dict().items()
                 if not decoder_only or k.startswith(("decoder.", "post_quant_conv."))}
 
-    return cfg if shapes(probe) == shapes(vae) else None
+    def groups(m: nn.Module) -> dict[str, int]:
+        return {k: g.num_groups for k, g in m.named_modules() if isinstance(g, nn.GroupNorm)
+                and (not decoder_only or k.startswith(("decoder.", "post_quant_conv.")))}
+
+    return cfg if shapes(probe) == shapes(vae) and groups(probe) == groups(vae) else None

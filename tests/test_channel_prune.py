@@ -124,7 +124,8 @@ def test_tiny_unet_quarter_taylor_saves_and_replays(tiny, tiny_shapes, tmp_path)
     y = run_component(out, "unet", tiny_shapes).tensors[0]
     assert y.shape == (2, 4, 8, 8) and torch.isfinite(y).all()
     manifest = save(out, tmp_path / "model")
-    assert manifest["components"]["unet"]["format"] == "snapopt"  # sinusoid width is tied to block_out_channels[0]
+    # sinusoid width is tied to block_out_channels[0], so diffusers cannot express it: a custom component
+    assert manifest["components"]["unet"]["format"] == "structured"
     again = load(tmp_path / "model")
     assert {k: v.shape for k, v in again.unet.state_dict().items()} == {k: v.shape for k, v in out.unet.state_dict().items()}
     assert torch.equal(run_component(again, "unet", tiny_shapes).tensors[0], y)
@@ -156,3 +157,42 @@ def test_bad_options_fail_in_one_line():
         ChannelPrune({"per_module": {"down_blocks.0": 1.5}})
     with pytest.raises(Exception, match="'unet' or 'vae_decoder', not 'text_encoder'"):
         ChannelPrune({"component": "text_encoder"})
+
+
+def test_whole_groupnorm_groups_keep_statistics_exact_and_reload(tiny, tiny_shapes, tmp_path):
+    """groups: whole drops whole GroupNorm groups and lowers num_groups, so a kept group normalises exactly the
+    channels it did: the first norm after conv_in (whose input the latent alone decides) is unchanged on the
+    kept channels. Keeping num_groups instead (groups: dim) regroups them and changes that norm's output."""
+    teacher = tiny.clone(["vae_decoder"])
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def norm_out(pipe):
+        seen = {}
+        norm = pipe.vae.decoder.mid_block.resnets[0].norm1
+        h = norm.register_forward_hook(lambda m, i, o: seen.setdefault("y", o.detach()))
+        with torch.no_grad():
+            image = pipe.vae.decoder(z)
+        h.remove()
+        return seen["y"], image
+
+    ref, _ = norm_out(teacher)
+    outs = {}
+    for mode in ("whole", "dim"):
+        res = ChannelPrune({"component": "vae_decoder", "ratio": 0.5, "groups": mode}).run(tiny.clone(["vae_decoder"]), PassContext())
+        w_new, w_old = res.program.vae.decoder.conv_in.weight, teacher.vae.decoder.conv_in.weight
+        kept = [next(j for j in range(w_old.shape[0]) if torch.equal(w_old[j], w_new[i])) for i in range(w_new.shape[0])]
+        y, image = norm_out(res.program)
+        outs[mode] = (res, kept, y, image)
+    res, kept, y, image = outs["whole"]
+    norm = res.program.vae.decoder.mid_block.resnets[0].norm1
+    assert len(kept) == 8 and norm.num_groups == 2 == teacher.vae.decoder.mid_block.resnets[0].norm1.num_groups // 2
+    torch.testing.assert_close(y, ref[:, kept], rtol=0, atol=1e-6)
+    _, kept_dim, y_dim, _ = outs["dim"]
+    assert not torch.allclose(y_dim, ref[:, kept_dim], atol=1e-3)  # the same count kept per group, regrouped
+    groups = {m.num_groups for m in res.program.vae.decoder.modules() if isinstance(m, nn.GroupNorm)}
+    assert groups == {2}  # every decoder norm (the attention's too) lost half its groups
+    save(res.program, tmp_path / "model")
+    again = load(tmp_path / "model")
+    assert {m.num_groups for m in again.vae.decoder.modules() if isinstance(m, nn.GroupNorm)} == {2}
+    with torch.no_grad():
+        assert torch.equal(again.vae.decoder(z), image)

@@ -69,6 +69,7 @@ class ChannelGroup:
     modules: list[str] = field(default_factory=list)
     multiple: int = 1  # keep a multiple of this (GroupNorms over a concatenation this group feeds)
     producers: list[str] = field(default_factory=list)  # conv/linear modules whose outputs these channels are
+    uniform_blocks: bool = False  # every block structure on the group has the chosen one's blocks (whole blocks can go)
 
     @property
     def size(self) -> int:
@@ -558,35 +559,40 @@ def _collect(w: _Walker) -> DependencyGraph:
         if seen_names[name] > 1:
             name = f"{name}#{seen_names[name]}"
         n = len(next(iter(arrays.values())))
-        block_of, kind, modules = _choose_structure(n, structure.get(gi, []))
+        block_of, kind, modules, uniform = _choose_structure(n, structure.get(gi, []))
         out.append(ChannelGroup(name=name, members=arrays, block_of=block_of, structure=kind, modules=modules,
-                                multiple=lcm(*multiples.get(gi, ())), producers=producers))
+                                multiple=lcm(*multiples.get(gi, ())), producers=producers, uniform_blocks=uniform))
     return DependencyGraph(groups=out, frozen=sorted(frozen), constraints=constraints, heads=dict(w.heads),
                            unhandled=dict(w.unhandled))
 
 
-def _choose_structure(n: int, blocks: list[tuple[Block, np.ndarray]]) -> tuple[np.ndarray, str | None, list[str]]:
+def _choose_structure(n: int, blocks: list[tuple[Block, np.ndarray]]) -> tuple[np.ndarray, str | None, list[str], bool]:
     """Assign rows to blocks: heads win over GroupNorm groups, more blocks win among equals; every other
-    structure on the group must be a coarsening of the chosen one (else it is reported as unstructured)."""
+    structure on the group must be a coarsening of the chosen one (else it is reported as unstructured).
+    The flag says whether every structure has exactly the chosen blocks, so whole blocks can be removed
+    and each structure's block count lowered (num_groups, heads) without splitting any block."""
     none = np.full(n, -1, dtype=np.int64)
-    cands = []
+    cands, uniform = [], True
     for blk, rows in blocks:
         flat = rows.reshape(rows.shape[0], -1)
         if sorted(flat.ravel().tolist()) != list(range(n)):
+            uniform = False
             continue  # a block covering rows twice (or partially) cannot drive selection
         assign = np.empty(n, dtype=np.int64)
         for b, row in enumerate(flat):
             assign[row] = b
         cands.append((blk.kind == "heads", flat.shape[0], assign, blk))
     if not cands:
-        return none, None, []
+        return none, None, [], False
     cands.sort(key=lambda c: (c[0], c[1]), reverse=True)
     _, _, assign, best = cands[0]
     for _, _, other, _ in cands[1:]:
         for b in range(int(assign.max()) + 1):
             if len(set(other[assign == b].tolist())) != 1:
-                return none, None, []
-    return assign, best.kind, sorted({c[3].module for c in cands})
+                return none, None, [], False
+        uniform = uniform and len(set(other.tolist())) == int(assign.max()) + 1
+    uniform = uniform and all(c[3].kind == best.kind for c in cands)
+    return assign, best.kind, sorted({c[3].module for c in cands}), uniform
 
 
 def lcm(*xs: int) -> int:
