@@ -128,7 +128,8 @@ def test_tiny_unet_quarter_taylor_saves_and_replays(tiny, tiny_shapes, tmp_path)
     assert manifest["components"]["unet"]["format"] == "structured"
     again = load(tmp_path / "model")
     assert {k: v.shape for k, v in again.unet.state_dict().items()} == {k: v.shape for k, v in out.unet.state_dict().items()}
-    assert torch.equal(run_component(again, "unet", tiny_shapes).tensors[0], y)
+    # rebuilt from its saved structure rather than the edited module: equal up to float op order
+    torch.testing.assert_close(run_component(again, "unet", tiny_shapes).tensors[0], y, rtol=0, atol=1e-5)
 
 
 def test_whole_heads_and_per_module(tiny, tiny_shapes):
