@@ -30,7 +30,8 @@ def test_generate_writes_a_png(tmp_path: Path):
     assert Image.open(again).tobytes() == image.tobytes()  # seeded: the same image twice
 
 
-@pytest.mark.parametrize("kw, field", [({"steps": 0}, "--steps"), ({"cfg": 0.5}, "--cfg"), ({"out": Path("x.jpg")}, "--out")])
+@pytest.mark.parametrize("kw, field", [({"steps": 0}, "--steps"), ({"cfg": 0.5}, "--cfg"), ({"out": Path("x.jpg")}, "--out"),
+                                           ({"scheduler": "pndm"}, "--scheduler")])
 def test_bad_arguments_name_the_option(kw, field):
     with pytest.raises(UsageError, match=field):
         generate("arch:tiny", "a red circle", **kw)
