@@ -36,3 +36,16 @@ def tiny_shapes(tiny_pipe):
     from snapopt.lowering.interfaces import Shapes
 
     return Shapes(resolution=tiny_pipe.resolution, batch=2)
+
+
+@pytest.fixture()
+def tripwire(monkeypatch):
+    """Fail loudly if validation lets a bad input reach the run itself (model loading)."""
+    import snapopt.models.loading
+    import snapopt.run
+
+    def boom(*a, **k):
+        raise AssertionError("bad input reached snapopt.run.apply / load_model")
+
+    monkeypatch.setattr(snapopt.run, "apply", boom)
+    monkeypatch.setattr(snapopt.models.loading, "load_model", boom)

@@ -172,18 +172,6 @@ def _libraries_imported():
     check_model_reference("zoo:snapshapes")
 
 
-@pytest.fixture()
-def tripwire(monkeypatch):
-    import snapopt.models.loading
-    import snapopt.run
-
-    def boom(*a, **k):
-        raise AssertionError("bad input reached snapopt.run.apply / load_model")
-
-    monkeypatch.setattr(snapopt.run, "apply", boom)
-    monkeypatch.setattr(snapopt.models.loading, "load_model", boom)
-
-
 def _apply(args, capsys) -> tuple[int, list[str]]:
     from snapopt.cli import main
 
