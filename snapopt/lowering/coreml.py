@@ -97,7 +97,7 @@ def convert_component(pipe: Pipeline, component: str, shapes: Shapes, *, deploym
         try:
             with _silenced(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = compress(model, compression)
+                model = compress(model, compression, component=component, pipe=pipe)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise LoweringError(f"compressing '{component}' ({compression['scheme']}) failed: {first}") from exc
@@ -143,14 +143,35 @@ def quantize_int8(model):
     return cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=op))
 
 
-def compress(model, compression: dict[str, Any]):
-    """Apply :func:`snapopt.lowering.export.compression_plan`'s choice to a converted model."""
+def compress(model, compression: dict[str, Any], *, component: str | None = None, pipe: Pipeline | None = None):
+    """Apply :func:`snapopt.lowering.export.compression_plan`'s choice to a converted model.
+
+    ``mixed`` and ``w8a8`` act per layer on the UNet (its recipe / activation scales come from
+    :func:`snapopt.lowering.schemes.prepare_scheme`); the other components get the scheme's uniform weight part."""
+    from snapopt.lowering import compression as cmp
+
     scheme = compression["scheme"]
     if scheme == "int8":
         return quantize_int8(model)
     if scheme.startswith("palettize"):
         return palettize(model, compression["bits"], compression.get("group_size", 0))
+    if scheme == "mixed":
+        if component == "unet" and pipe is not None and "recipe" in compression:
+            return cmp.palettize_mixed(model, pipe.unet, compression["recipe"])
+        return palettize(model, uniform_bits(compression["bits"]))
+    if scheme == "w8a8":
+        if component == "unet" and pipe is not None and "act_scales" in compression:
+            return cmp.quantize_w8a8(model, pipe.unet, compression["act_scales"])
+        return quantize_int8(model)
     raise LoweringError(f"unknown compression scheme '{scheme}'")
+
+
+def uniform_bits(average: float) -> int:
+    """The Neural Engine palettization width a mixed scheme gives components outside its per-layer recipe:
+    the smallest accelerated width at or above the target average."""
+    from snapopt.lowering.compression import NBITS
+
+    return next((b for b in NBITS if b >= average), 8)
 
 
 #: Core ML ArrayFeatureType data types (``FeatureTypes.proto``).

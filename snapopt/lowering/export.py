@@ -14,27 +14,70 @@ from typing import Any
 from snapopt.lowering.interfaces import Shapes
 
 
+def int8_compute(target) -> bool:
+    """Whether the target's Neural Engine computes int8 (A17 Pro and later: Apple quotes their TOPS at int8)."""
+    return target.device.chip.ane_tops_precision == "int8" and target.ios_major >= 17
+
+
 def compression_plan(spec, targets) -> dict[str, Any]:
-    """Which weight compression the Core ML packages get, and why (explicit recipe bits win over the target)."""
-    bits = spec.weight_bits
-    source = "recipe export.weight_bits"
-    if spec.compression == "auto" and bits == 16 and targets:
-        bits = min(t.profile.weight_bits for t in targets)
-        source = "target profile weight_bits"
-    if spec.compression == "none":
-        return {"scheme": "fp16", "bits": 16, "source": "recipe export.compression"}
-    if spec.compression == "int8":
-        return {"scheme": "int8", "bits": 8, "source": "recipe export.compression"}
-    if bits >= 16:
-        return {"scheme": "fp16", "bits": 16, "source": source}
-    scheme = "palettize" if spec.palettize_group_size == 0 else f"palettize_g{spec.palettize_group_size}"
-    return {"scheme": scheme, "bits": bits, "group_size": spec.palettize_group_size, "source": source}
+    """Which weight compression the Core ML packages get, and why (explicit recipe bits win over the target).
+
+    W8A8 is chosen only when every target computes int8 (:func:`int8_compute`); otherwise the plan falls back
+    to int8 weights and says which target refused it."""
+    from snapopt.lowering.spec import CompressionSpec
+
+    c = spec.compression
+    opts = {"quality": "psnr", "eval_prompts": 8, "eval_steps": 25}
+    if isinstance(c, CompressionSpec):
+        opts = {"quality": c.quality, "eval_prompts": c.eval_prompts, "eval_steps": c.eval_steps}
+        src = "recipe export.compression"
+        if c.scheme == "fp16":
+            plan = {"scheme": "fp16", "bits": 16}
+        elif c.scheme == "int8":
+            plan = {"scheme": "int8", "bits": 8}
+        elif c.scheme == "w8a8":
+            plan = {"scheme": "w8a8", "bits": 8}
+        elif c.scheme == "mixed":
+            plan = {"scheme": "mixed", "bits": float(c.bits)}
+        else:
+            g = c.group_size
+            plan = {"scheme": "palettize" if not g else f"palettize_g{g}", "bits": int(c.bits), "group_size": g}
+        plan = {**plan, "source": src}
+    else:
+        bits = spec.weight_bits
+        source = "recipe export.weight_bits"
+        if c == "auto" and bits == 16 and targets:
+            bits = min(t.profile.weight_bits for t in targets)
+            source = "target profile weight_bits"
+        if c == "none":
+            plan = {"scheme": "fp16", "bits": 16, "source": "recipe export.compression"}
+        elif c == "int8":
+            plan = {"scheme": "int8", "bits": 8, "source": "recipe export.compression"}
+        elif c == "w8a8":
+            plan = {"scheme": "w8a8", "bits": 8, "source": "recipe export.compression"}
+        elif c == "mixed":
+            plan = {"scheme": "mixed", "bits": float(bits), "source": "recipe export.compression + weight_bits"}
+        elif bits >= 16:
+            plan = {"scheme": "fp16", "bits": 16, "source": source}
+        else:
+            scheme = "palettize" if spec.palettize_group_size == 0 else f"palettize_g{spec.palettize_group_size}"
+            plan = {"scheme": scheme, "bits": bits, "group_size": spec.palettize_group_size, "source": source}
+    if plan["scheme"] == "w8a8":
+        refusing = [t for t in targets if not int8_compute(t)]
+        if refusing:
+            t = refusing[0]
+            plan = {"scheme": "int8", "bits": 8, "source": plan["source"], "requested": "w8a8",
+                    "refused": f"W8A8 refused: {t.id}'s {t.device.chip.name} computes fp16 on the Neural Engine (int8 "
+                               "compute needs A17 Pro or later); int8 weights instead"}
+    return {**plan, **opts}
 
 
 def describe_compression(comp: dict[str, Any]) -> str:
     if comp["scheme"] == "fp16":
         return f"fp16; {comp['source']}"
-    return f"{comp['scheme']} {comp['bits']}-bit; {comp['source']}"
+    bits = f"{comp['bits']:g}-bit average" if comp["scheme"] == "mixed" else f"{comp['bits']}-bit"
+    text = f"{comp['scheme']} {bits}; {comp['source']}"
+    return text + (f" ({comp['refused']})" if comp.get("refused") else "")
 
 
 def per_model_limit_mb(targets) -> float | None:
@@ -95,6 +138,11 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
         deployment = target.coreml_deployment_target() if target else None
         result["coreml_deployment_target"] = deployment.name if deployment is not None else "iOS16"
         comp = compression_plan(spec, targets)
+        if comp["scheme"] in ("mixed", "w8a8") and "unet" in wanted:
+            from snapopt.lowering.schemes import prepare_scheme
+
+            with stage(f"analyse UNet for {comp['scheme']} compression"):
+                comp = prepare_scheme(pipe, shapes, comp, folder)
         result["compression"] = comp
         res = folder / "coreml"
         kw = dict(deployment_target=deployment, compression=comp,
@@ -136,13 +184,19 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
             f"Core ML resources folder `{res.relative_to(folder.parent)}` ({total / 1e6:.1f} MB, "
             f"weights {describe_compression(comp)}). "
             "What an app using Apple's ml-stable-diffusion must set:", "", *lines, *chunk_lines(result.get("unet_chunking"))]})
+        from snapopt.lowering.schemes import compression_section
+
+        with stage("measure the compression scheme"):
+            result["compression_report"], lines = compression_section(pipe, shapes, comp, result["coreml"], targets)
+        apple_section = result["sections"][-1]
+        result["sections"].append({"title": "Compression per target", "lines": lines})
         if spec.apple_check:
             from snapopt.lowering.apple_check import check_apple
 
             with stage("check the export against Apple's Swift pipeline"):
                 problems, notes = check_apple(res, components=wanted)
             result["apple_check"] = {"passed": not problems, "problems": problems, "notes": notes}
-            result["sections"][-1]["lines"] += ["", f"`snapopt check apple`: {'passed' if not problems else 'FAILED'} "
+            apple_section["lines"] += ["", f"`snapopt check apple`: {'passed' if not problems else 'FAILED'} "
                                                 f"({len(notes)} checks)" + "".join(f"\n- {p}" for p in problems)]
             if problems:
                 from snapopt.errors import LoweringError

@@ -5,12 +5,38 @@ Lives beside the lowering code so that an export option and the code honouring i
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Component = Literal["unet", "vae_decoder", "vae_encoder", "text_encoder"]
-Compression = Literal["auto", "none", "palettize", "int8"]
+Compression = Literal["auto", "none", "palettize", "int8", "mixed", "w8a8"]
+
+
+class CompressionSpec(BaseModel):
+    """``compression: {scheme: mixed, bits: 4.5}``: a scheme with its options (the short string form keeps
+    ``weight_bits``/``palettize_group_size`` for its width)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheme: Literal["fp16", "palettize", "int8", "mixed", "w8a8"]
+    bits: Optional[float] = Field(None, description="palettize: 1/2/4/6/8 bits; mixed: target average bits (1-8)")
+    group_size: int = Field(0, ge=0, description="palettize: one LUT per N output channels (iOS 18+)")
+    quality: Literal["psnr", "eval"] = Field(
+        "psnr", description="psnr: UNet output PSNR vs fp with the scheme's weights simulated in torch; eval: also "
+        "FID / CLIP / attributes on held-out snapshapes prompts (zoo:snapshapes models; costs CPU minutes)")
+    eval_prompts: int = Field(8, ge=2, le=256, description="prompts for quality: eval")
+    eval_steps: int = Field(25, ge=1, le=200, description="sampler steps for quality: eval (input and compressed alike)")
+
+    @model_validator(mode="after")
+    def _bits(self):
+        if self.scheme == "palettize" and self.bits not in (1, 2, 3, 4, 6, 8):
+            raise ValueError(f"compression.bits: palettize needs 1, 2, 3, 4, 6 or 8 bits (got {self.bits})")
+        if self.scheme == "mixed" and not (self.bits is not None and 1 <= self.bits <= 8):
+            raise ValueError(f"compression.bits: mixed needs a target average between 1 and 8 bits (got {self.bits})")
+        if self.scheme in ("fp16", "int8", "w8a8") and self.bits is not None:
+            raise ValueError(f"compression.bits: {self.scheme} has a fixed width; remove bits")
+        return self
 
 
 class ExportSpec(BaseModel):
@@ -21,9 +47,11 @@ class ExportSpec(BaseModel):
     components: list[Component] = Field(default_factory=lambda: ["unet", "vae_decoder", "text_encoder"])
     weight_bits: int = Field(16, ge=1, le=16, description="16 for fp16 weights; 1-8 palettizes Core ML weights (bits per weight)")
     onnx_check: bool = True
-    compression: Compression = Field(
+    compression: Union[Compression, CompressionSpec] = Field(
         "auto", description="Core ML weight compression: auto (palettize when weight_bits < 16, else the target profile's "
-        "weight_bits), none, palettize (k-means LUT, weight_bits), int8 (linear int8 weights)")
+        "weight_bits), none, palettize (k-means LUT, weight_bits), int8 (linear int8 weights), mixed (per-layer "
+        "palettization widths averaging weight_bits, from a sensitivity analysis), w8a8 (int8 weights and activations: "
+        "A17 Pro and later only), or {scheme: ..., bits: ...} (see docs/apple-runtime.md)")
     palettize_group_size: int = Field(0, ge=0, description="0: one LUT per tensor; N: one LUT per N output channels "
                                       "(per-grouped-channel palettization, iOS 18+)")
     chunk_unet: Union[bool, Literal["auto"]] = Field(
