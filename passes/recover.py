@@ -3,7 +3,9 @@ timestep-aware scaling), decoder data distillation, and CFG-aware step distillat
 
 They learn from ``ctx.teacher``, the pipeline as loaded before any pass, and can follow any pass. Each
 writes its loss CSV, loss plot and checkpoints under ``<run>/<pass>-<index>/`` and adds a report section
-with the before/after metrics. The training itself lives in :mod:`snapopt.train`.
+with the before/after metrics. A pass whose folder already holds checkpoints continues from the latest
+(``snapopt apply --resume`` of a killed run; a fresh run's folder is empty). The training itself lives in
+:mod:`snapopt.train`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class _TrainingPass(Pass):
 
     structural = False
 
-    def train(self, teacher, program, out: Path | None) -> dict:  # pragma: no cover - abstract
+    def train(self, teacher, program, out: Path | None, resume: bool = False) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def report_rows(self, stats: dict) -> tuple[str, list[tuple[str, object]]]:  # pragma: no cover - abstract
@@ -30,7 +32,8 @@ class _TrainingPass(Pass):
     def run(self, program, ctx: PassContext) -> PassResult:
         teacher = self._teacher(ctx)
         out = self._out_dir(ctx)
-        stats = self.train(teacher, program, out)
+        resume = out is not None and (out / "checkpoints").is_dir()  # left by a killed run of this pass
+        stats = self.train(teacher, program, out, resume)
         title, rows = self.report_rows(stats)
         self._report(ctx, out, title, rows, stats)
         return PassResult(program, modified=True, stats=stats)
@@ -75,8 +78,8 @@ class Recover(_TrainingPass):
     name = "recover"
     Options = RecoverJob
 
-    def train(self, teacher, program, out):
-        return run_recover(teacher, program, self.options, out)[0]
+    def train(self, teacher, program, out, resume=False):
+        return run_recover(teacher, program, self.options, out, resume=resume)[0]
 
     def report_rows(self, stats):
         return "Recovery training (distillation from the teacher)", [
@@ -92,8 +95,8 @@ class DecoderDistill(_TrainingPass):
     name = "decoder_distill"
     Options = DecoderJob
 
-    def train(self, teacher, program, out):
-        return run_decoder(teacher, program, self.options, out)[0]
+    def train(self, teacher, program, out, resume=False):
+        return run_decoder(teacher, program, self.options, out, resume=resume)[0]
 
     def report_rows(self, stats):
         return "Decoder data distillation", [
@@ -107,10 +110,10 @@ class StepDistill(_TrainingPass):
     name = "step_distill"
     Options = StepDistillJob
 
-    def train(self, teacher, program, out):
+    def train(self, teacher, program, out, resume=False):
         from snapopt.train.step_distill import loss_summary
 
-        stats, result = run_step_distill(teacher, program, self.options, out)
+        stats, result = run_step_distill(teacher, program, self.options, out, resume=resume)
         return {**stats, **loss_summary(result.history)}
 
     def report_rows(self, stats):

@@ -68,10 +68,21 @@ def apply(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default runs/<name>-<time>)"),
     model: Optional[str] = typer.Option(None, "--model", help="override the recipe's model reference"),
-    overwrite: bool = typer.Option(False, help="replace an existing run folder"),
+    overwrite: bool = typer.Option(False, help="replace an existing run folder (and discard a killed run's work folder)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the killed run of the same recipe and model that left "
+                                "OUT's work folder (.OUT.work): finished passes are reused, a training pass continues "
+                                "from its last checkpoint; the result is bit-identical to an uninterrupted run. Starts "
+                                "afresh if there is none, and keeps the work folder if this run fails or is interrupted"),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON (progress stays on stderr)"),
 ):
-    """Validate RECIPE, run its passes and lowering, and write a run folder."""
+    """Validate RECIPE, run its passes and lowering, and write a run folder.
+
+    The run works in a hidden folder beside OUT (.OUT.work) and renames it to OUT when it completes. After
+    every pass the components it changed are saved there with a journal, and training passes checkpoint
+    there, so a killed or preempted run continues with the same command plus --resume (repeat it until it
+    exits 0; a recipe or model that differs from the killed run's is refused, exit 2). Without --resume, a
+    leftover work folder is refused (exit 2) unless --overwrite discards it; a failing run without --resume
+    removes its work folder."""
     from snapopt.checks.output import check_output_dir, cleanup_stale_runs, run_lock
     from snapopt.recipe import load_recipe
 
@@ -81,7 +92,7 @@ def apply(
     check_output_dir(out, overwrite=overwrite, expected_bytes=_expected_output_bytes(resolved))
     with run_lock(out) as alone:
         cleanup_stale_runs(out, alone=alone)
-        result = _run_with_progress(resolved, out, overwrite)
+        result = _run_with_progress(resolved, out, overwrite, resume)
     rep = result.report
     summary = {
         "run_folder": str(result.out_dir), "report": str(result.out_dir / "report.md"), "recipe": resolved.recipe.name,
@@ -105,7 +116,7 @@ def apply(
     console.print(f"run folder: {result.out_dir}  (report: {result.out_dir / 'report.md'})", markup=False, highlight=False)
 
 
-def _run_with_progress(resolved, out: Path, overwrite: bool):
+def _run_with_progress(resolved, out: Path, overwrite: bool, resume: bool = False):
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from snapopt.run import apply as run_apply
@@ -119,7 +130,7 @@ def _run_with_progress(resolved, out: Path, overwrite: bool):
             if not err_console.is_terminal:
                 err_console.print(f"[snapopt] {msg}", markup=False, highlight=False)
 
-        return run_apply(resolved, out, overwrite=overwrite, progress=say, argv=sys.argv)
+        return run_apply(resolved, out, overwrite=overwrite, resume=resume, progress=say, argv=sys.argv)
 
 
 def _expected_output_bytes(resolved) -> int | None:

@@ -44,6 +44,21 @@ def record_edit(module: torch.nn.Module, pass_name: str, options: dict[str, Any]
     setattr(module, EDITS_ATTR, list(getattr(module, EDITS_ATTR, [])) + [{"pass": pass_name, "options": options}])
 
 
+def edit_log(module: torch.nn.Module) -> dict[str, Any] | None:
+    """The module's structural edit log (base config + edits) as JSON, or None if it was never edited.
+    Saved in the manifest so a reloaded model keeps it: recovery's stage map follows removed stages through it,
+    and ``snapopt apply --resume`` continues from reloaded passes' results."""
+    if not hasattr(module, BASE_ATTR) and not hasattr(module, EDITS_ATTR):
+        return None
+    return {"base_config": getattr(module, BASE_ATTR, None), "edits": list(getattr(module, EDITS_ATTR, []))}
+
+
+def restore_edit_log(module: torch.nn.Module, log: dict[str, Any]) -> None:
+    if log.get("base_config") is not None:
+        setattr(module, BASE_ATTR, log["base_config"])
+    setattr(module, EDITS_ATTR, list(log.get("edits", [])))
+
+
 def _plain_config(module) -> dict[str, Any]:
     cfg = module.config
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
@@ -175,6 +190,9 @@ def save(pipe: Pipeline, folder: Path, *, dtype: torch.dtype = torch.float32) ->
             save_file(state, str(sub / "model.safetensors"))
             _write_arch(module, sub)
             entry["format"] = "snapopt"
+        log = edit_log(module)
+        if log is not None:
+            entry["edit_log"] = log
         manifest["components"][attr] = entry
     if pipe.tokenizer is not None:
         from snapopt.models.tokenizer import write_bpe_files
@@ -244,6 +262,8 @@ def load(folder: str | Path) -> Pipeline:
             module = STRUCTURED[classes[attr].__name__].from_pretrained(folder / attr, torch_dtype=torch.float32)
         else:
             module = _rebuild(folder / attr, classes[attr])
+        if entry.get("edit_log") is not None and not hasattr(module, EDITS_ATTR):
+            restore_edit_log(module, entry["edit_log"])
         for name, kind in entry.get("attention", {}).items():
             mods = attention_modules(module)
             if name in mods:

@@ -1,10 +1,13 @@
 """The output folder: creatable and writable before any work starts, enough free space for what the run will
 write, and no leftovers of killed runs (``.NAME.tmp-*`` / ``.NAME.old-*`` beside it).
 
-``snapopt.run.apply`` writes into ``.NAME.tmp-XXXX`` beside ``--out`` and renames it into place at the end;
-``--overwrite`` moves the old folder to ``.NAME.old-TIME`` first. A kill -9 leaves those behind. Runs hold a
-shared lock on the parent folder while they work (:func:`run_lock`); a leftover is removed only while no
-other run holds that lock, so a run never deletes the temporary folder of one still working.
+``snapopt.run.apply`` writes into its work folder ``.NAME.work`` beside ``--out`` and renames it into place at
+the end; ``--overwrite`` moves the old folder to ``.NAME.old-TIME`` first. A kill -9 leaves the work folder
+behind on purpose: ``snapopt apply --resume`` continues from it, so it is never cleaned up here (a run without
+``--resume`` refuses to start over it). ``.NAME.tmp-*`` (older versions' temporary folders) and
+``.NAME.old-*`` are junk and are removed. Runs hold a shared lock on the parent folder while they work
+(:func:`run_lock`); a leftover is removed only while no other run holds that lock, so a run never deletes the
+temporary folder of one still working.
 """
 
 from __future__ import annotations
@@ -22,6 +25,14 @@ from snapopt.errors import UsageError
 
 #: names run.apply gives its temporary and replaced folders
 STALE = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-[A-Za-z0-9_]+$")
+#: suffix of a run's work folder, ``.NAME.work`` (resumable: never stale)
+WORK_SUFFIX = ".work"
+
+
+def work_folder(out: str | Path) -> Path:
+    """The hidden folder a run of ``out`` works in until it completes (see :mod:`snapopt.run`)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}{WORK_SUFFIX}")
 #: margin on the estimated output size (reports, ONNX external data, rounding)
 MARGIN = 1.15
 
@@ -103,7 +114,7 @@ def run_lock(out: str | Path) -> Iterator[bool]:
 def cleanup_stale_runs(out: str | Path, *, alone: bool = True) -> list[Path]:
     """Remove ``.NAME.tmp-*`` and ``.NAME.old-*`` folders left beside ``out``'s parent by killed runs (every
     NAME, not only ``out``'s). Only when ``alone`` (no other run holds :func:`run_lock` on the parent).
-    Returns what was removed."""
+    Work folders (``.NAME.work``) are kept: a killed run's is what ``--resume`` continues. Returns what was removed."""
     if not alone:
         return []
     parent = Path(out).absolute().parent
@@ -113,7 +124,7 @@ def cleanup_stale_runs(out: str | Path, *, alone: bool = True) -> list[Path]:
     except OSError:
         return []
     for entry in entries:
-        if STALE.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+        if STALE.match(entry.name) and not entry.name.endswith(WORK_SUFFIX) and entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
             if not entry.exists():
                 removed.append(entry)

@@ -48,15 +48,29 @@ class PassRecord:
         return {"pass": self.name, "exact": self.exact, "options": self.options, "modified": self.modified, "seconds": round(self.seconds, 3),
                 "stats": self.stats, "changes": self.changes, "verification": self.verification}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "PassRecord":
+        """The record :meth:`to_json` wrote (a resumed run's finished passes come back from its journal)."""
+        return cls(name=data["pass"], options=data["options"], modified=data["modified"], seconds=data["seconds"],
+                   exact=data["exact"], stats=data["stats"], changes=data["changes"], verification=data["verification"])
+
 
 class PassManager:
     def __init__(self, passes: list[Pass], ctx: PassContext, *, tolerance: float = 1e-4, verify: bool = True,
-                 on_pass: Callable[[int, Pass], None] | None = None, graphs: dict | None = None):
+                 on_pass: Callable[[int, Pass], None] | None = None, graphs: dict | None = None,
+                 persist: Callable[[int, Pass, Pipeline, list[str]], Pipeline] | None = None,
+                 on_done: Callable[[int, Pass, Pipeline, list["PassRecord"]], None] | None = None):
         self.passes = passes
         self.ctx = ctx
         self.tolerance = tolerance
         self.verify = verify
         self.on_pass = on_pass
+        #: called as soon as a pass returns, with the owner attributes it modified; returns the program to go on
+        #: with. ``snapopt apply`` saves the result there and continues from its reload, so a resumed run
+        #: continues from exactly what an uninterrupted one did; capture and verification check what it returns
+        self.persist = persist
+        #: called once a pass is verified and recorded (``snapopt apply`` commits its journal there)
+        self.on_done = on_done
         #: latest block graph per component: a pass's "after" capture is the next pass's "before"
         self.graphs: dict = dict(graphs or {})
 
@@ -65,17 +79,23 @@ class PassManager:
             self.graphs[component] = block_graph(program, component, self.ctx.shapes)
         return self.graphs[component]
 
-    def run(self, program: Pipeline) -> tuple[Pipeline, list[PassRecord]]:
-        records = []
+    def run(self, program: Pipeline, *, done: list[PassRecord] | None = None) -> tuple[Pipeline, list[PassRecord]]:
+        """Run the passes in order. ``done``: records of passes already finished (a resumed run): those passes
+        are skipped, ``program``, ``ctx.history`` and ``graphs`` being their result."""
+        records = list(done or [])
         for i, p in enumerate(self.passes):
+            if i < len(records):
+                continue
             if self.on_pass:
                 self.on_pass(i, p)
-            program, record = self.run_one(p, program)
+            program, record = self.run_one(p, program, index=i)
             records.append(record)
             self.ctx.history.append(p.name)
+            if self.on_done:
+                self.on_done(i, p, program, records)
         return program, records
 
-    def run_one(self, p: Pass, program: Pipeline) -> tuple[Pipeline, PassRecord]:
+    def run_one(self, p: Pass, program: Pipeline, *, index: int | None = None) -> tuple[Pipeline, PassRecord]:
         history = tuple(self.ctx.history)
         shapes = self.ctx.shapes
         touched = sorted(p.touches())
@@ -122,6 +142,8 @@ class PassManager:
         if p.structural and result.modified:
             for attr in owners:
                 record_edit(getattr(new, attr), result.replay_pass or p.name, result.replay_options or p.options.model_dump(mode="json"))
+        if self.persist is not None:
+            new = self.persist(len(history) if index is None else index, p, new, sorted(owners) if result.modified else [])
         verification: dict[str, Any] = {}
         after_stats, after_graphs = {}, {}
         for comp in touched:
