@@ -35,11 +35,12 @@ Run with ``keep``, the pass skips ranking and reproduces exactly that structure.
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from snapopt.capture import capture
@@ -54,6 +55,19 @@ from snapopt.models.unet_config import sync_unet_config
 _PROTECTED = {("conv_in.weight", 1), ("conv_out.weight", 0), ("decoder.conv_in.weight", 1), ("decoder.conv_out.weight", 0),
               ("post_quant_conv.weight", 0), ("encoder.conv_in.weight", 1), ("encoder.conv_out.weight", 0),
               ("quant_conv.weight", 0)}
+
+
+class ReconstructOptions(BaseModel):
+    """Least-squares refit of every layer whose inputs were pruned (snapopt.train.reconstruct)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # each latent is a teacher and a student forward at the recipe's size, held in memory at once
+    latents: int = Field(64, ge=1, le=1024, description="calibration latents (decoded once by the teacher)")
+    source: Literal["zoo", "random", "teacher"] = Field("zoo", description=(
+        "where the latents come from: encoded zoo scenes, N(0, 1), or teacher samples (see train data.source)"))
+    positions: int = Field(1024, ge=1, le=1 << 20, description="output positions sampled per latent and layer")
+    ridge: float = Field(1e-4, ge=0, le=1e3, allow_inf_nan=False, description="ridge, relative to the mean input energy")
+    seed: int = Field(1, description="calibration seed (held-out latents for the reported PSNR use seed + 1)")
 
 
 class ChannelPruneOptions(ComponentOptions):
@@ -73,6 +87,9 @@ class ChannelPruneOptions(ComponentOptions):
     with_encoder: bool = Field(False, description=(
         "vae_decoder: prune the VAE encoder at the same ratios too, so AutoencoderKL's one block_out_channels "
         "describes both halves and save_pretrained holds the result"))
+    reconstruct: ReconstructOptions | None = Field(None, description=(
+        "vae_decoder: refit the pruned layers by least squares to the teacher's layer outputs on real latents "
+        "(He et al. 2017), e.g. {latents: 64}; closed form, seconds on a CPU"))
     keep: dict[str, str] | None = Field(None, description=(
         "resolved structure (group -> kept rows as ranges); written by the pass so save/load can replay it"))
 
@@ -106,6 +123,10 @@ class ChannelPrune(Pass):
         root = program.component(opts.component)
         if opts.with_encoder and opts.component != "vae_decoder":
             raise UsageError("channel_prune: with_encoder applies to component 'vae_decoder' only")
+        if opts.reconstruct is not None and opts.component != "vae_decoder":
+            raise UsageError("channel_prune: reconstruct applies to component 'vae_decoder' only (it needs decoder latents)")
+        if opts.reconstruct is not None and program.structure_only:
+            raise UsageError("channel_prune: reconstruct needs weights; this model is structure-only")
         modules = dict(root.named_modules())
         if opts.with_encoder:
             modules.update(program.component("vae_encoder").named_modules())
@@ -119,6 +140,7 @@ class ChannelPrune(Pass):
         unknown = sorted(set(opts.keep or {}) - set(keep))
         if unknown:
             raise UsageError(f"channel_prune: keep names group '{unknown[0]}', which this model does not have")
+        calib = _calibration(program, opts.reconstruct) if opts.reconstruct is not None else None
         groups, frozen, unhandled = [], [], {}
         for part, (dg, part_groups, part_keep, criterion) in zip(parts, plans):
             _apply(program.component(part), part_groups, part_keep, dg, opts)
@@ -127,7 +149,8 @@ class ChannelPrune(Pass):
             unhandled.update(dg.unhandled)
         _sync_config(program, opts.component)
         after = _count(root)
-        resolved = opts.model_copy(update={"keep": {g.name: _ranges(keep[g.name]) for g in groups}})
+        # the replay rebuilds structure only (weights are loaded after it): no reconstruction
+        resolved = opts.model_copy(update={"keep": {g.name: _ranges(keep[g.name]) for g in groups}, "reconstruct": None})
         report = [_group_row(g, keep[g.name], _ratio_for(g, opts)) for g in groups]
         total = sum(r["channels"] for r in report)
         kept = sum(r["kept"] for r in report)
@@ -139,6 +162,8 @@ class ChannelPrune(Pass):
             "params_before": before, "params_after": after,
             "groups": report, "frozen_groups": frozen, "unhandled_ops": unhandled,
         }
+        if calib is not None:
+            stats["reconstruct"] = _reconstruct(root, calib, plans[0][1], keep, opts.reconstruct)
         if opts.component == "vae_decoder":
             cfg = vae_config_for(program.vae, decoder_only=True)
             stats["decoder_block_out_channels"] = list(cfg["block_out_channels"]) if cfg else None
@@ -333,15 +358,62 @@ def _group_row(g: ChannelGroup, kept: np.ndarray, requested: float) -> dict:
             "achieved": round(1 - len(kept) / g.size, 4), "structure": g.structure, "blocks": g.n_blocks}
 
 
+# ---- least-squares reconstruction -------------------------------------------------------------------------
+def _calibration(program, o: ReconstructOptions) -> dict:
+    """Before any edit: a copy of the teacher decoder, calibration latents and held-out latents (unscaled, as
+    the decoder reads them)."""
+    from snapopt.train.data import LatentSource
+    from snapopt.train.options import DataOptions
+
+    scale = float(program.vae.config.scaling_factor)
+    dev = next(program.vae.parameters()).device
+
+    def latents(n: int, seed: int) -> torch.Tensor:
+        src = LatentSource(program, DataOptions(source=o.source, pool=n), seed=seed, device=dev)
+        x0 = src.pool_x0[:n] if src.pool_x0 is not None else src.batch(0, n).x0
+        return x0 / scale
+
+    return {"teacher": copy.deepcopy(program.component("vae_decoder")).eval(),
+            "latents": latents(o.latents, o.seed), "held_out": latents(8, o.seed + 1)}
+
+
+def _reconstruct(root: nn.Module, calib: dict, groups: list[ChannelGroup], keep: dict[str, np.ndarray],
+                 o: ReconstructOptions) -> dict:
+    """Refit the pruned decoder's layers to the teacher's; PSNR vs the teacher on held-out latents before/after."""
+    from snapopt.train.decoder import psnr
+    from snapopt.train.reconstruct import reconstruct
+
+    teacher, held = calib["teacher"], calib["held_out"]
+    with torch.no_grad():
+        ref = teacher(held)
+        before = psnr(root(held), ref)
+    rows = {}
+    for (name, dim), drop in _removed(groups, keep).items():
+        if dim == 0 and name.endswith(".weight") and drop:
+            size = teacher.get_parameter(name).shape[0]
+            rows[name[: -len(".weight")]] = torch.tensor([i for i in range(size) if i not in drop], dtype=torch.long)
+    layers = reconstruct(root, teacher, calib["latents"], rows, positions=o.positions, ridge=o.ridge, seed=o.seed)
+    with torch.no_grad():
+        after = psnr(root(held), ref)
+    return {"layers": len(layers), "latents": int(calib["latents"].shape[0]), "psnr_before_db": round(before, 2),
+            "psnr_after_db": round(after, 2),
+            "worst_layer_rel_err": round(max((v["rel_err_after"] for v in layers.values()), default=0.0), 4)}
+
+
 # ---- edit the modules -----------------------------------------------------------------------------------
-def _apply(root: nn.Module, groups: list[ChannelGroup], keep: dict[str, np.ndarray], dg: DependencyGraph,
-           opts: ChannelPruneOptions | None = None) -> None:
+def _removed(groups: list[ChannelGroup], keep: dict[str, np.ndarray]) -> dict[tuple[str, int], set[int]]:
+    """(parameter, dim) → the rows pruning removes from it."""
     removed: dict[tuple[str, int], set[int]] = {}
     for g in groups:
         drop = np.setdiff1d(np.arange(g.size), keep[g.name])
         for key, idx in g.members.items():
             removed.setdefault(key, set()).update(idx[drop].ravel().tolist())
-    for (name, dim), rows in removed.items():
+    return removed
+
+
+def _apply(root: nn.Module, groups: list[ChannelGroup], keep: dict[str, np.ndarray], dg: DependencyGraph,
+           opts: ChannelPruneOptions | None = None) -> None:
+    for (name, dim), rows in _removed(groups, keep).items():
         if not rows:
             continue
         owner_name, attr = name.rsplit(".", 1)

@@ -1,0 +1,133 @@
+"""Least-squares reconstruction after channel pruning (snapopt.train.reconstruct, channel_prune's ``reconstruct``)
+and the decoder distillation's cached teacher images: exact recovery where the pruned layer can represent the
+teacher, improvement on a pruned tiny decoder, one-line errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from snapopt.core import PassContext
+from snapopt.errors import UsageError
+from snapopt.passes.channel_prune import ChannelPrune
+from snapopt.train.reconstruct import reconstruct
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _duplicated_teacher() -> nn.Sequential:
+    """conv -> SiLU -> conv -> SiLU -> 1x1 conv, where the first conv's channels 4-7 repeat channels 0-3: dropping
+    them loses no information, but the next conv's weights on them must be folded onto the kept ones."""
+    torch.manual_seed(0)
+    t = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 6, 3, stride=2, padding=1), nn.SiLU(),
+                      nn.Conv2d(6, 2, 1, bias=False))
+    with torch.no_grad():
+        t[0].weight[4:] = t[0].weight[:4]
+        t[0].bias[4:] = t[0].bias[:4]
+    return t.double()
+
+
+def _slice_student(t: nn.Sequential) -> nn.Sequential:
+    s = copy.deepcopy(t)
+    with torch.no_grad():
+        s[0].weight = nn.Parameter(t[0].weight[:4].clone())
+        s[0].bias = nn.Parameter(t[0].bias[:4].clone())
+        s[2].weight = nn.Parameter(t[2].weight[:, :4].clone())
+    s[0].out_channels = s[2].in_channels = 4
+    return s
+
+
+def test_exactly_representable_conv_case_recovers_the_teacher():
+    teacher = _duplicated_teacher()
+    student = _slice_student(teacher)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.double)
+    with torch.no_grad():
+        ref = teacher(x)
+        assert _rel(student(x), ref) > 0.1  # plain slicing drops half of the second conv's input
+    stats = reconstruct(student, teacher, x, {"0": torch.arange(4)}, ridge=0.0)
+    assert list(stats) == ["2"]  # only the layer whose input was pruned is refitted by default
+    assert stats["2"]["rel_err_after"] < 1e-6 < stats["2"]["rel_err_before"]
+    with torch.no_grad():
+        assert _rel(student(x), ref) < 1e-5
+
+
+def test_linear_layers_and_subsampled_positions():
+    torch.manual_seed(1)
+    teacher = nn.Sequential(nn.Linear(5, 6), nn.SiLU(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        teacher[0].weight[3:] = teacher[0].weight[:3]
+        teacher[0].bias[3:] = teacher[0].bias[:3]
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[0].weight = nn.Parameter(teacher[0].weight[:3].clone())
+        student[0].bias = nn.Parameter(teacher[0].bias[:3].clone())
+        student[2].weight = nn.Parameter(teacher[2].weight[:, :3].clone())
+    student[0].out_features = student[2].in_features = 3
+    x = torch.randn(2, 20, 5, dtype=torch.double)  # (N, tokens, features), as attention's projections see them
+    reconstruct(student, teacher, x, {"0": torch.arange(3)}, positions=8, ridge=0.0)  # 16 rows for 4 unknowns
+    with torch.no_grad():
+        assert _rel(student(x), teacher(x)) < 1e-5
+
+
+def test_bad_options_fail_in_one_line():
+    teacher = _duplicated_teacher()
+    student = _slice_student(teacher)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.double)
+    cases = [(dict(positions=0), "positions must be at least 1"), (dict(ridge=-1.0), "ridge must be >= 0"),
+             (dict(layers=["9"]), "layer '9' is not in both"), (dict(layers=["1"]), "layer '1' (SiLU) is not a dense Conv2d or Linear")]
+    for kwargs, msg in cases:
+        with pytest.raises(UsageError, match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
+            reconstruct(student, teacher, x, {"0": torch.arange(4)}, **kwargs)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="rows for '2' exceed the teacher layer's 6 outputs"):
+        reconstruct(student, teacher, x, {"2": torch.tensor([0, 6])})
+    with pytest.raises(UsageError, match="needs at least one input"):
+        reconstruct(student, teacher, x[:0])
+
+
+# ---- the channel_prune option, on the tiny pipeline's decoder ---------------------------------------------
+def test_channel_prune_reconstruct_raises_decoder_psnr(tiny):
+    opts = {"component": "vae_decoder", "ratio": 0.5, "groups": "whole",
+            "reconstruct": {"latents": 8, "source": "random", "positions": 256}}
+    res = ChannelPrune(opts).run(tiny, PassContext())
+    rec = res.stats["reconstruct"]
+    assert rec["layers"] > 5 and rec["latents"] == 8
+    assert rec["psnr_after_db"] > rec["psnr_before_db"] + 1  # random-init tiny weights: 15.0 -> 17.0 dB
+    assert res.replay_options["reconstruct"] is None  # the replay rebuilds structure only
+    assert res.replay_options["keep"]
+
+
+def test_channel_prune_reconstruct_bad_options(tiny):
+    with pytest.raises(UsageError, match="^channel_prune: reconstruct applies to component 'vae_decoder' only"):
+        ChannelPrune({"reconstruct": {"latents": 4}}).run(tiny, PassContext())
+    with pytest.raises(Exception, match="greater than or equal to 1"):
+        ChannelPrune({"component": "vae_decoder", "reconstruct": {"latents": 0}})
+    with pytest.raises(Exception, match="Extra inputs are not permitted"):
+        ChannelPrune({"component": "vae_decoder", "reconstruct": {"latent": 4}})
+
+
+# ---- decoder distillation: the teacher decodes each pool latent once ----------------------------------------
+def test_decoder_objective_caches_teacher_images(tiny_pipe):
+    from snapopt.train.decoder import DecoderObjective
+    from snapopt.train.dist import DistInfo
+    from snapopt.train.options import DecoderLoss, TrainOptions
+
+    student = tiny_pipe.clone(["vae_decoder"]).component("vae_decoder")
+    train = TrainOptions(steps=4, batch=3, data={"source": "teacher", "pool": 4, "teacher_steps": 2})
+    obj = DecoderObjective(tiny_pipe, student, train, DecoderLoss(val_latents=2), device=torch.device("cpu"))
+    calls = []
+    real = obj.teacher_decoder
+    obj.teacher_decoder = lambda z: calls.append(len(z)) or real(z)
+    for step in range(6):
+        b = obj.data.batch(step, 3)
+        z = b.x0 / obj.scale
+        with torch.no_grad():
+            torch.testing.assert_close(obj.targets(b.x0, z), real(z).float(), rtol=1e-4, atol=1e-5)  # batch-size-dependent float order
+    assert sum(calls) <= 4  # each of the 4 pool latents decoded at most once
+    loss, _ = obj.loss(0, DistInfo())
+    assert torch.isfinite(loss)
