@@ -211,7 +211,14 @@ class WorkFolder:
         path = work_folder(out_dir)
         fingerprint = recipe_fingerprint(resolved)
         journal = None
-        if path.exists():
+        try:
+            path.mkdir()
+            created = True
+        except FileExistsError:
+            created = False
+        if not created:
+            if not path.is_dir() or path.is_symlink():
+                raise UsageError(f"'{path}' (the work folder of '{out_dir}') is not a folder; remove it")
             lock_fd = cls._lock(path)
             if not resume and not overwrite:
                 os.close(lock_fd)
@@ -223,15 +230,15 @@ class WorkFolder:
                 if journal is not None and mine != fingerprint:
                     os.close(lock_fd)
                     what = next(k for k in ("model", "recipe_sha256", "snapopt") if mine[k] != fingerprint[k])
+                    short = (lambda v: str(v)[:12]) if what == "recipe_sha256" else str
                     raise UsageError(f"--resume: '{path}' was left by a run with a different {what.replace('_sha256', '')} "
-                                     f"({mine[what]} here, {fingerprint[what]} now); remove it or choose another --out")
+                                     f"({short(mine[what])} there, {short(fingerprint[what])} now); remove it or choose another --out")
             else:
                 os.close(lock_fd)
                 shutil.rmtree(path)
                 path.mkdir()
                 lock_fd = cls._lock(path)
         else:
-            path.mkdir()
             lock_fd = cls._lock(path)
         work = cls(path, fingerprint, journal, lock_fd)
         (work.resume_dir / "state").mkdir(parents=True, exist_ok=True)
@@ -284,6 +291,8 @@ class WorkFolder:
         from snapopt.models.pipeline import Pipeline
         from snapopt.serialization import load, save
 
+        if program.structure_only:  # nothing to save: a resumed structure-only run starts over (it is quick)
+            return program
         for attr in owners:
             module = getattr(program, attr)
             folder = self.resume_dir / "state" / f"{attr}-{index:03d}"
@@ -303,6 +312,8 @@ class WorkFolder:
         """Pass ``index`` is finished: journal its record, the report rows so far, the pipeline's other fields
         and the RNG state. The run goes on with the journal's JSON of records and report, as a resumed run does."""
         ctx = self.ctx
+        if program.structure_only:
+            return
         rows = json.loads(json.dumps([r.to_json() for r in records], default=str))
         records[:] = [PassRecord.from_json(r) for r in rows]
         report = json.loads(json.dumps(ctx.report, default=str))
