@@ -35,24 +35,32 @@ from torch import nn
 NBITS = (1, 2, 4, 6, 8)
 #: Smallest weight tensor coremltools compresses (``weight_threshold``); smaller ones stay fp16.
 WEIGHT_THRESHOLD = 2048
+#: Layers a mixed-bit analysis measures one by one (Apple's analysis skips tensors under 1e5 elements to save
+#: time); smaller compressible layers get the uniform width at or above the target (:func:`fixed_width`).
+ANALYSE_MIN_PARAMS = 65536
 
 
 # ---- torch simulation ------------------------------------------------------------------------------------------
-def kmeans_lut(values: torch.Tensor, bits: int, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_lut(values: torch.Tensor, bits: int, iters: int = 20, fit_on: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """1-D k-means of ``values`` into 2**bits levels (quantile start, Lloyd steps): (lut, indices).
 
-    Exact 1-D assignment by bucketising against the midpoints of the sorted centres, so it is fast enough
-    to run once per layer and width in a sensitivity analysis."""
+    Exact 1-D assignment by bucketising against the midpoints of the sorted centres; the centres are fitted on
+    an evenly strided subset of at most ``fit_on`` sorted values (the distribution's quantiles), so one layer at
+    one width costs milliseconds and a sensitivity analysis can afford every layer and width."""
     x = values.detach().reshape(-1).to(torch.float16).float()
     k = 2 ** bits
     uniq = torch.unique(x)
     if uniq.numel() <= k:
         return uniq, torch.bucketize(x, uniq)
-    sample = x if x.numel() <= 1_000_000 else x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
-    centres = torch.quantile(sample, (torch.arange(k, dtype=torch.float32) + 0.5) / k)
+    xs = x.sort().values
+    if xs.numel() > fit_on:
+        xs = xs[torch.linspace(0, xs.numel() - 1, fit_on).long()]
+    centres = xs[((torch.arange(k, dtype=torch.float32) + 0.5) / k * (xs.numel() - 1)).long()].unique()
+    if centres.numel() < k:  # repeated quantiles: spread the start over the range
+        centres = torch.linspace(float(xs[0]), float(xs[-1]), k)
     for _ in range(iters):
-        idx = torch.bucketize(x, (centres[1:] + centres[:-1]) / 2)
-        sums = torch.zeros(k).scatter_add_(0, idx, x)
+        idx = torch.bucketize(xs, (centres[1:] + centres[:-1]) / 2)
+        sums = torch.zeros(k).scatter_add_(0, idx, xs)
         counts = torch.bincount(idx, minlength=k).float()
         new = torch.where(counts > 0, sums / counts.clamp_min(1), centres).sort().values
         if torch.allclose(new, centres, rtol=0, atol=1e-7):
@@ -157,18 +165,20 @@ class UnetProbe:
 # ---- mixed-bit: sensitivity analysis and bit allocation ---------------------------------------------------------
 @dataclass
 class Sensitivity:
-    """Single-layer PSNR (dB) of the UNet output with only that layer palettized, per width."""
+    """Single-layer PSNR (dB) of the UNet output with only that layer palettized, per width, for the analysed
+    layers; ``fixed`` holds the sizes of compressible layers too small to analyse."""
 
     psnr: dict[str, dict[int, float]]
     sizes: dict[str, int]
+    fixed: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"psnr_db": {n: {str(b): round(v, 2) for b, v in d.items()} for n, d in self.psnr.items()},
-                "sizes": self.sizes, "seconds": round(self.seconds, 1)}
+                "sizes": self.sizes, "fixed_layers": self.fixed, "seconds": round(self.seconds, 1)}
 
 
-def sensitivity(unet: nn.Module, probe: UnetProbe, nbits: Iterable[int] = NBITS, *, min_params: int = WEIGHT_THRESHOLD,
+def sensitivity(unet: nn.Module, probe: UnetProbe, nbits: Iterable[int] = NBITS, *, min_params: int = ANALYSE_MIN_PARAMS,
                 progress: Callable[[str], None] | None = None) -> Sensitivity:
     """Palettize each layer alone at each width and measure the output PSNR (weights restored after)."""
     import time
@@ -184,14 +194,21 @@ def sensitivity(unet: nn.Module, probe: UnetProbe, nbits: Iterable[int] = NBITS,
             table[name][b] = probe.psnr(unet)
         with torch.no_grad():
             m.weight.copy_(original)
-        if progress and (i + 1) % 25 == 0:
-            progress(f"sensitivity: {i + 1}/{len(layers)} layers")
-    return Sensitivity(table, {n: m.weight.numel() for n, m in layers}, time.perf_counter() - t0)
+        if progress and (i + 1) % 10 == 0:
+            progress(f"sensitivity: {i + 1}/{len(layers)} layers, {time.perf_counter() - t0:.0f} s")
+    fixed = {n: m.weight.numel() for n, m in quantizable(unet) if n not in table}
+    return Sensitivity(table, {n: m.weight.numel() for n, m in layers}, fixed, time.perf_counter() - t0)
 
 
-def recipe_at(sens: Sensitivity, threshold: float) -> dict[str, int]:
-    """Each layer's smallest width whose single-layer PSNR exceeds ``threshold`` (16: keep fp16)."""
-    out = {}
+def fixed_width(target_bits: float) -> int:
+    """Width of layers too small to analyse: the smallest accelerated width at or above the target."""
+    return next((b for b in NBITS if b >= target_bits), 8)
+
+
+def recipe_at(sens: Sensitivity, threshold: float, target_bits: float = 8.0) -> dict[str, int]:
+    """Each analysed layer's smallest width whose single-layer PSNR exceeds ``threshold`` (16: keep fp16); the
+    small layers at :func:`fixed_width`."""
+    out = {n: fixed_width(target_bits) for n in sens.fixed}
     for name, d in sens.psnr.items():
         out[name] = next((b for b in sorted(d) if d[b] > threshold), 16)
     return out
@@ -203,15 +220,16 @@ def average_bits(recipe: dict[str, int], sizes: dict[str, int]) -> float:
 
 
 def allocate(sens: Sensitivity, target_bits: float) -> tuple[dict[str, int], float]:
-    """The recipe with the highest PSNR threshold whose average width is at most ``target_bits``
-    (a higher threshold spends bits on more layers). Returns (recipe, threshold)."""
+    """The recipe with the highest PSNR threshold whose average width over all compressible layers is at most
+    ``target_bits`` (a higher threshold spends bits on more layers). Returns (recipe, threshold)."""
+    sizes = {**sens.sizes, **sens.fixed}
     candidates = sorted({v for d in sens.psnr.values() for v in d.values() if math.isfinite(v)}, reverse=True)
-    best = recipe_at(sens, -math.inf), -math.inf
+    best = recipe_at(sens, math.inf if not candidates else -math.inf, target_bits), -math.inf
     lo, hi = 0, len(candidates) - 1
     while lo <= hi:  # average bits fall as the threshold falls: binary search the first feasible threshold
         mid = (lo + hi) // 2
-        rec = recipe_at(sens, candidates[mid] - 1e-9)
-        if average_bits(rec, sens.sizes) <= target_bits:
+        rec = recipe_at(sens, candidates[mid] - 1e-9, target_bits)
+        if average_bits(rec, sizes) <= target_bits:
             best, hi = (rec, candidates[mid] - 1e-9), mid - 1
         else:
             lo = mid + 1
@@ -246,17 +264,17 @@ def weight_names(model, module: nn.Module, min_params: int = WEIGHT_THRESHOLD) -
     return out
 
 
-def palettize_mixed(model, module: nn.Module, recipe: dict[str, int]):
+def palettize_mixed(model, module: nn.Module, recipe: dict[str, int], min_params: int = WEIGHT_THRESHOLD):
     """Palettize each weight at its recipe width (per-op configs); fp16 where the recipe says 16."""
     import coremltools.optimize.coreml as cto
 
-    names = weight_names(model, module)
+    names = weight_names(model, module, min_params)
     configs = {}
     for lname, bits in recipe.items():
         if bits >= 16:
             continue
         for op in names.get(lname, []):
-            configs[op] = cto.OpPalettizerConfig(nbits=int(bits), mode="kmeans", weight_threshold=WEIGHT_THRESHOLD)
+            configs[op] = cto.OpPalettizerConfig(nbits=int(bits), mode="kmeans", weight_threshold=min_params)
     if not configs:
         return model
     return cto.palettize_weights(model, cto.OptimizationConfig(op_name_configs=configs))
@@ -281,7 +299,7 @@ def calibrate_activations(module: nn.Module, batches: Iterable[tuple], min_param
     return {k: max(v, 1e-8) / 127.0 for k, v in amax.items()}
 
 
-def quantize_w8a8(model, module: nn.Module, act_scales: dict[str, float]):
+def quantize_w8a8(model, module: nn.Module, act_scales: dict[str, float], min_params: int = WEIGHT_THRESHOLD):
     """int8 activations at each calibrated conv/linear input (coremltools' prefix quantize/dequantize pass, fed
     torch-calibrated ranges), then int8 weights per channel. Needs iOS 17."""
     import coremltools.optimize.coreml as cto
@@ -290,7 +308,7 @@ def quantize_w8a8(model, module: nn.Module, act_scales: dict[str, float]):
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
     from coremltools.models import utils as model_utils
 
-    weight_ops = weight_names(model, module)
+    weight_ops = weight_names(model, module, min_params)
     const_to_layer = {c: l for l, cs in weight_ops.items() for c in cs}
     stats, configs = {}, {}
     prog = model._mil_program
@@ -317,7 +335,7 @@ def quantize_w8a8(model, module: nn.Module, act_scales: dict[str, float]):
         model = model_utils._apply_graph_pass(model, [insert, dedup], spec_version=AvailableTarget.iOS17,
                                               pymil_load_func=milproto_load.load, skip_model_load=True)
     op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
-                                     weight_threshold=WEIGHT_THRESHOLD)
+                                     weight_threshold=min_params)
     model = cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=op))
     model._snapopt_quantized_inputs = len(configs)
     return model

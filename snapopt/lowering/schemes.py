@@ -30,7 +30,8 @@ def prepare_scheme(pipe, shapes: Shapes, comp: dict[str, Any], folder: Path | No
         sens = sens or cmp.sensitivity(pipe.unet, probe, progress=progress)
         recipe, threshold = cmp.allocate(sens, comp["bits"])
         comp = {**comp, "recipe": recipe, "psnr_threshold_db": round(threshold, 3),
-                "average_bits": round(cmp.average_bits(recipe, sens.sizes), 3),
+                "average_bits": round(cmp.average_bits(recipe, {**sens.sizes, **sens.fixed}), 3),
+                "analysed_layers": len(sens.psnr), "fixed_layers": len(sens.fixed), "fixed_width": cmp.fixed_width(comp["bits"]),
                 "bits_histogram": {str(b): sum(1 for v in recipe.values() if v == b) for b in sorted(set(recipe.values()))}}
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
@@ -75,15 +76,30 @@ def measure(pipe, comp: dict[str, Any], probe: cmp.UnetProbe, graph, targets, *,
     return res
 
 
-def eval_quality(pipe, sim_unet, comp: dict[str, Any], say=None) -> dict[str, Any]:
-    """FID / CLIP / attributes of the pipeline with the simulated UNet against the input, same prompts and noise."""
-    from snapopt.quality import quality_retained
+_FP_EVALS: dict[tuple, dict] = {}
 
+
+def eval_quality(pipe, sim_unet, comp: dict[str, Any], say=None) -> dict[str, Any]:
+    """FID / CLIP / attributes of the pipeline with the simulated UNet against the input, same held-out prompts
+    and initial noise (the input's scores are computed once per pipeline, prompts and steps)."""
+    from snapopt.zoo import evaluate as zev
+
+    steps, n = comp.get("eval_steps", 25), comp.get("eval_prompts", 8)
+    key = (id(pipe), steps, n)
+
+    def run(p):
+        r = zev.evaluate(p.to_diffusers(), steps=steps, n_prompts=n, seed=0)
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+
+    if key not in _FP_EVALS:
+        if say:
+            say(f"quality: fp pipeline, {n} prompts x {steps} steps")
+        _FP_EVALS[key] = run(pipe)
     student = pipe.clone()
     student.unet = sim_unet
-    steps = comp.get("eval_steps", 25)
-    r = quality_retained(pipe, student, steps=steps, teacher_steps=steps, prompts=comp.get("eval_prompts", 8), say=say)
-    return {"steps": steps, "prompts": r["prompts"], "fp": r["teacher"], "compressed": r["student"]}
+    if say:
+        say(f"quality: {label(comp)}, {n} prompts x {steps} steps")
+    return {"steps": steps, "prompts": n, "fp": _FP_EVALS[key], "compressed": run(student)}
 
 
 def predicted_mb(pipe, bits: float) -> dict[str, float]:

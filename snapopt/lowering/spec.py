@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Component = Literal["unet", "vae_decoder", "vae_encoder", "text_encoder"]
 Compression = Literal["auto", "none", "palettize", "int8", "mixed", "w8a8"]
@@ -61,8 +61,24 @@ class ExportSpec(BaseModel):
     coreai_check: bool = Field(True, description="run each .aimodel in coreai.runtime (works on Linux) against torch")
     apple_check: bool = Field(True, description="run `snapopt check apple` on the Core ML export and fail the run if it does not pass")
 
+    @field_validator("compression", mode="before")
+    @classmethod
+    def _compression(cls, v):
+        """A mapping is a CompressionSpec: validate it alone so its error names the field, not the union."""
+        if isinstance(v, dict):
+            try:
+                return CompressionSpec.model_validate(v)
+            except ValidationError as exc:
+                e = exc.errors()[0]
+                loc = ".".join(str(p) for p in e["loc"])
+                msg = e["msg"].removeprefix("Value error, ")
+                raise ValueError(msg if msg.startswith("compression.") else f"compression.{loc}: {msg}") from None
+        return v
+
     @model_validator(mode="after")
     def _bits(self):
+        if self.compression == "mixed" and self.weight_bits >= 16:
+            raise ValueError("compression: mixed needs weight_bits 1-8 (the target average), or {scheme: mixed, bits: N}")
         if not (self.weight_bits == 16 or 1 <= self.weight_bits <= 8):
             raise ValueError(f"weight_bits: {self.weight_bits} is neither 16 (fp16) nor a palettization width 1-8")
         return self
