@@ -72,7 +72,8 @@ def apply(
     resume: bool = typer.Option(False, "--resume", help="continue the killed run of the same recipe and model that left "
                                 "OUT's work folder (.OUT.work): finished passes are reused, a training pass continues "
                                 "from its last checkpoint; the result is bit-identical to an uninterrupted run. Starts "
-                                "afresh if there is none, and keeps the work folder if this run fails or is interrupted"),
+                                "afresh if there is none, and keeps the work folder if this run fails or is interrupted. "
+                                "Needs --out"),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON (progress stays on stderr)"),
 ):
     """Validate RECIPE, run its passes and lowering, and write a run folder.
@@ -87,6 +88,8 @@ def apply(
     from snapopt.recipe import load_recipe
 
     # everything that can be wrong with the input is found here, before the first stage prints
+    if resume and out is None:
+        raise UsageError("--resume needs --out: the default run folder's name has the time in it")
     resolved = load_recipe(recipe, {"model": model})
     out = out or Path("runs") / f"{resolved.recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     check_output_dir(out, overwrite=overwrite, expected_bytes=_expected_output_bytes(resolved))

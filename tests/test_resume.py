@@ -172,6 +172,8 @@ def test_leftover_work_folder_needs_resume_and_the_same_recipe(tmp_path, capsys)
 
     code, err = _cli([recipe, "--out", out], capsys)
     assert code == 2 and len(err) == 1 and "--resume" in err[0] and str(work) in err[0]
+    code, err = _cli([recipe, "--resume"], capsys)
+    assert code == 2 and err == ["error: --resume needs --out: the default run folder's name has the time in it"], err
     other = _recipe(tmp_path / "other", steps=STEPS + 2)
     code, err = _cli([other, "--out", out, "--resume"], capsys)
     assert code == 2 and len(err) == 1 and "different recipe" in err[0], err
