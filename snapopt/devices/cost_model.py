@@ -86,12 +86,12 @@ def shared_fit() -> dict:
 
 def shared_coefficients(era: str | None = None) -> dict[str, float]:
     """Physics priors overridden by the shared fit; ``scale`` is the era's factor (the latest era when None,
-    1 — the typical runtime — for an era the fit never saw)."""
+    the typical runtime's factor — the fit's ``unseen_era`` — for an era the fit never saw)."""
     fit = shared_fit()
     coeffs = dict(DEFAULT_COEFFICIENTS) | {k: float(v) for k, v in fit.get("coefficients", {}).items() if k in DEFAULT_COEFFICIENTS}
     eras = fit.get("eras", {})
     if eras:
-        coeffs["scale"] = float(eras.get(era or fit.get("latest_era", ""), 1.0))
+        coeffs["scale"] = float(eras.get(era or fit.get("latest_era", ""), fit.get("unseen_era", 1.0)))
     return coeffs
 
 

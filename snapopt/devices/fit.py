@@ -8,12 +8,15 @@ all priced by one structure:
   and generation — M1/M2 carry the A14/A15 Neural Engine —, DRAM bandwidth, system cache), with a handful of
   physics coefficients shared by every chip;
 * × the era factor of the runtime that measured it (iOS 16.2 betas in Nov 2022, macOS 13 in Feb 2023, iOS 17
-  betas in June 2023, the August 2023 table, and SnapFusion's own harness), anchored to a geometric mean of 1
-  so an unseen runtime is priced at the typical one;
+  betas in June 2023, the August 2023 table, and SnapFusion's own harness) = an overall level (free, no prior)
+  × the era's deviation from it (prior: 1, spread ``ERA_SIGMA``), so an unseen runtime is priced at the level;
 * end to end = 2 text-encoder calls (prompt + negative) + ``steps`` UNet calls + one decoder call, plus a
   fixed app overhead, plus reduceMemory's just-in-time model loading on 4 GB phones (per GB of weights).
 
-Free coefficients are far fewer than rows (``FREE``); chips never get their own.
+The fit is maximum a posteriori: a robust (soft-L1) least squares on log(predicted/measured) plus a physics
+prior on every free coefficient (``PRIORS``), so a coefficient the rows do not identify stays physical instead
+of running to a bound. Physics the rows do not identify at all is held (``FIXED``). Free: ``FREE`` (6) + the
+level + one factor per era (5) = 12 for 31 rows; chips never get their own.
 """
 
 from __future__ import annotations
@@ -35,14 +38,32 @@ CSV_FILES = (DATA / "published_latency_calibration.csv", DATA / "published_laten
 #: the era built-in Apple profiles are priced at (the latest published runtime: Apple's August 2023 table)
 LATEST_ERA = "2023-08"
 
-#: coefficients the fit frees (log-parametrised, bounded); era factors are free too (all but the reference)
-FREE = ("ane_eff_conv", "ane_eff_linear", "ane_eff_attention", "vector_ratio", "score_spill_eff", "cache_eff", "overlap",
-        "e2e_overhead_ms", "reduce_memory_ms_per_gb")
+#: coefficients the fit frees (log-parametrised, bounded), each with its physics prior (value, σ of its log):
+#: where the published rows do not identify a coefficient well, the fit stays near what the hardware suggests
+FREE = ("ane_eff_conv", "ane_eff_linear", "ane_eff_attention", "score_spill_eff", "e2e_overhead_ms", "reduce_memory_ms_per_gb")
+PRIORS = {
+    "ane_eff_conv": (0.6, 0.5),            # dense convolutions reach about half to two thirds of the ANE's fp16 peak
+    "ane_eff_linear": (0.45, 0.5),         # matmuls with weights: a little less (layout changes around them)
+    "ane_eff_attention": (0.3, 0.7),       # activation x activation matmuls (QKᵀ, AV): least
+    "score_spill_eff": (0.4, 0.7),         # DRAM bandwidth reached by spilled attention scores (strided, tiled)
+    "e2e_overhead_ms": (500.0, 1.0),       # app, scheduler and image conversion per image: about half a second
+    "reduce_memory_ms_per_gb": (2000.0, 0.7),  # Apple: reduceMemory "adds up to 2 s" (about 1 GB of 6-bit weights)
+}
+#: physics the published rows do not identify (freed, each stayed at its prior): held at these values
+FIXED = {
+    "vector_ratio": 0.05,                  # element-wise ops/s on the ANE as a fraction of its MAC peak
+    "cache_eff": 0.1,                      # one op's activations keep ~10% of the system cache (a few MB)
+    "overlap": 1.0,                        # compute and DRAM traffic overlap (roofline max; the fit went to 1)
+}
+#: typical |log error| of one published row (it/s to two digits, end to end in whole seconds, harness noise)
+ROW_SIGMA = 0.08
+#: prior spread of a runtime era's factor around 1 (the same phone moved 15% between June and August 2023)
+ERA_SIGMA = 0.15
+#: robust loss (scipy least_squares): a row no shared structure explains pulls the fit linearly, not quadratically
+LOSS = "soft_l1"
 BOUNDS = {"e2e_overhead_ms": (1.0, 5000.0), "reduce_memory_ms_per_gb": (1.0, 5000.0), "vector_ratio": (1e-4, 1.0),
           "cache_eff": (0.005, 1.0), "overlap": (0.01, 1.0), "score_spill_eff": (0.01, 1.0)}
 ERA_BOUNDS = (0.2, 5.0)
-#: where the fit starts (the physics priors, with the ANE's usable on-chip buffer small and traffic not hidden)
-INITIAL = {"cache_eff": 0.05, "overlap": 0.5, "score_spill_eff": 0.3}
 _EFF_BOUNDS = (1e-3, 1.0)
 
 #: public chip specs of the non-iPhone machines in the data (iPhones come from the built-in targets).
@@ -256,54 +277,75 @@ class FitResult:
     coefficients: dict[str, float]
     eras: dict[str, float]
     rows: list[PubRow]
+    #: the factor of a runtime the fit never saw: the overall level, about which the era factors scatter
+    unseen_era: float = 1.0
     predicted_ms: list[float] = field(default_factory=list)
 
     def coeffs_for(self, era: str) -> dict[str, float]:
-        """Coefficients with ``scale`` = the era's factor (an era the fit never saw gets the reference's, 1)."""
-        return self.coefficients | {"scale": self.eras.get(era, 1.0)}
+        """Coefficients with ``scale`` = the era's factor (an era the fit never saw gets ``unseen_era``)."""
+        return self.coefficients | {"scale": self.eras.get(era, self.unseen_era)}
 
     @property
     def n_free(self) -> int:
-        return len(FREE) + len(self.eras) - 1
+        return len(FREE) + 1 + len(self.eras)
 
 
 def fit(rows: list[PubRow], graphs: Graphs, start: FitResult | None = None, max_nfev: int = 200) -> FitResult:
-    """Least squares on log(predicted/measured) over the shared coefficients and the era factors of ``rows``."""
+    """Maximum a posteriori fit: least squares on log(predicted/measured) over ``rows``, plus the physics priors
+    (``PRIORS``) of the shared coefficients and a prior of 1 on every era factor (``ERA_SIGMA``), each in units
+    of one row's typical error (``ROW_SIGMA``). A coefficient the rows identify follows the rows; one they
+    do not stays at its physics prior instead of wandering to a bound; an era the fit never saw is priced at 1."""
     from scipy.optimize import least_squares
 
-    # era factors are anchored to a geometric mean of 1 over the eras fitted, so an era the fit never saw gets
-    # the typical runtime's factor (1), not an arbitrary one (the physics absorbs the overall level)
     eras = sorted({r.era for r in rows})
-    free_eras = eras[:-1]
-    base = dict(DEFAULT_COEFFICIENTS) | (start.coefficients if start else INITIAL)
+    free = [*FREE, "scale"]
+    base = dict(DEFAULT_COEFFICIENTS) | FIXED | {k: v[0] for k, v in PRIORS.items()}
+    if start:
+        base |= {k: v for k, v in start.coefficients.items() if k in free}
     targets = [row_target(r) for r in rows]
-    bounds = [BOUNDS.get(k, _EFF_BOUNDS) for k in FREE] + [ERA_BOUNDS] * len(free_eras)
-    x0 = [math.log(base[k]) for k in FREE] + [math.log((start.eras if start else {}).get(e, 1.0)) for e in free_eras]
+    bounds = [BOUNDS.get(k, _EFF_BOUNDS) for k in FREE] + [ERA_BOUNDS] * (1 + len(eras))
+    level = start.unseen_era if start else 1.0
+    x0 = [math.log(base[k]) for k in FREE] + [math.log(level)] + [math.log((start.eras if start else {}).get(e, level) / level) for e in eras]
     lo, hi = [math.log(b[0]) for b in bounds], [math.log(b[1]) for b in bounds]
     x0 = [min(max(v, l + 1e-6), h - 1e-6) for v, l, h in zip(x0, lo, hi)]
+    prior_mu = np.array([math.log(PRIORS[k][0]) for k in FREE] + [0.0] * (1 + len(eras)))
+    # the overall level ("scale") has no prior: the rows set it; eras are deviations from it, pulled to 1
+    prior_w = np.array([ROW_SIGMA / PRIORS[k][1] for k in FREE] + [0.0] + [ROW_SIGMA / ERA_SIGMA] * len(eras))
 
     def unpack(x):
-        c = base | {k: float(math.exp(v)) for k, v in zip(FREE, x)}
-        logs = list(x[len(FREE):])
-        e = {era: float(math.exp(v)) for era, v in zip(free_eras, logs)} | {eras[-1]: float(math.exp(-sum(logs)))}
-        return c, e
+        c = base | {k: float(math.exp(v)) for k, v in zip(free, x)}
+        return c, {era: c["scale"] * float(math.exp(v)) for era, v in zip(eras, x[len(free):])}
 
     def residuals(x):
         c, e = unpack(x)
-        return np.array([math.log(predict_row(r, graphs, c | {"scale": e.get(r.era, 1.0)}, t) / r.latency_ms)
-                         for r, t in zip(rows, targets)])
+        data = [math.log(predict_row(r, graphs, c | {"scale": e.get(r.era, 1.0)}, t) / r.latency_ms) for r, t in zip(rows, targets)]
+        return np.concatenate([np.array(data), prior_w * (np.asarray(x) - prior_mu)])
 
-    res = least_squares(residuals, x0, bounds=(lo, hi), diff_step=1e-3, max_nfev=max_nfev, x_scale=1.0)
+    res = least_squares(residuals, x0, bounds=(lo, hi), diff_step=1e-3, max_nfev=max_nfev, x_scale=1.0, loss=LOSS,
+                        f_scale=ROW_SIGMA)
     c, e = unpack(res.x)
-    out = FitResult(coefficients={k: c[k] for k in DEFAULT_COEFFICIENTS if k != "scale"}, eras=e, rows=rows)
+    out = FitResult(coefficients={k: c[k] for k in DEFAULT_COEFFICIENTS if k != "scale"}, eras=e, rows=rows,
+                    unseen_era=c["scale"])
     out.predicted_ms = [predict_row(r, graphs, out.coeffs_for(r.era), t) for r, t in zip(rows, targets)]
     return out
+
+
+def sole_evidence(rows: list[PubRow], metrics: Iterable[str] = ("unet_step", "e2e")) -> set[int]:
+    """Rows that are the only UNet-timing (unet_step / e2e) evidence of their era: held out, their era's factor
+    has nothing left to come from, so they are predicted at the typical runtime's factor whatever the model —
+    their error measures how far that runtime sat from the others, not the model's physics."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r.metric in metrics:
+            counts[r.era] = counts.get(r.era, 0) + 1
+    return {r.index for r in rows if r.metric in metrics and counts[r.era] == 1}
 
 
 def cross_validate(rows: list[PubRow], graphs: Graphs, full: FitResult, progress: Callable[[str], None] = lambda m: None,
                    max_nfev: int = 60) -> list[dict]:
     """Refit leaving out one device, one model and one era at a time; every left-out row's error."""
     out = []
+    sole = sole_evidence(rows)
     folds = ([("device", d) for d in sorted({r.device for r in rows})] + [("model", m) for m in sorted({r.model for r in rows})]
              + [("era", e) for e in sorted({r.era for r in rows})])
     for kind, value in folds:
@@ -315,7 +357,7 @@ def cross_validate(rows: list[PubRow], graphs: Graphs, full: FitResult, progress
             pred = predict_row(r, graphs, f.coeffs_for(r.era))
             out.append({"fold": f"{kind}={value}", "row": r.label, "metric": r.metric, "measured_ms": r.latency_ms,
                         "predicted_ms": round(pred, 2), "error_pct": round(100 * (pred / r.latency_ms - 1), 2),
-                        "era_seen": r.era in f.eras})
+                        "era_seen": r.era in f.eras, "sole_era_evidence": r.index in sole})
     return out
 
 
