@@ -111,6 +111,12 @@ class PubRow:
         return f"{self.device}/{self.model}/{self.metric}{steps}/{self.era}/{self.attention}-{self.weight_bits}b"
 
     @property
+    def arch(self) -> str:
+        """The network actually built (sd-1.4/sd-1.5/sd-v1.5 are one UNet; sd-2-base/sd-2.1-base another)."""
+        preset, over = MODELS[self.model]
+        return preset + ("+" + ",".join(f"{k}={v}" for k, v in sorted(over.items())) if over else "")
+
+    @property
     def reduce_memory(self) -> bool:
         return self.metric == "e2e" and self.ram_gb <= 4 and self.device.startswith("iphone")
 
@@ -343,10 +349,12 @@ def sole_evidence(rows: list[PubRow], metrics: Iterable[str] = ("unet_step", "e2
 
 def cross_validate(rows: list[PubRow], graphs: Graphs, full: FitResult, progress: Callable[[str], None] = lambda m: None,
                    max_nfev: int = 60) -> list[dict]:
-    """Refit leaving out one device, one model and one era at a time; every left-out row's error."""
+    """Refit leaving out one device, one model (as published), one architecture (models that build the same
+    network) and one era at a time; every left-out row's error."""
     out = []
     sole = sole_evidence(rows)
     folds = ([("device", d) for d in sorted({r.device for r in rows})] + [("model", m) for m in sorted({r.model for r in rows})]
+             + [("arch", a) for a in sorted({r.arch for r in rows}) if len({r.model for r in rows if r.arch == a}) > 1]
              + [("era", e) for e in sorted({r.era for r in rows})])
     for kind, value in folds:
         held = [r for r in rows if getattr(r, kind) == value]
