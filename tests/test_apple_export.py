@@ -309,3 +309,15 @@ def test_compression_plan_follows_recipe_then_target():
     assert compression_plan(ExportSpec(weight_bits=4), six)["bits"] == 4
     assert compression_plan(ExportSpec(compression="none"), six)["scheme"] == "fp16"
     assert compression_plan(ExportSpec(palettize_group_size=16, weight_bits=4), [])["scheme"] == "palettize_g16"
+
+
+def test_export_report_measures_the_scheme_and_the_memory_fit(export):
+    _, result = export
+    titles = [s["title"] for s in result["sections"]]
+    assert "Compression per target" in titles and "Memory fit per target" in titles
+    rep = result["compression_report"]
+    assert rep["exported"]["scheme"] == "fp16" and rep["exported"]["latency_ms"]["iphone-14-pro"] > 0
+    assert rep["exported"]["package_mb"]["Unet"] > 0 and rep["exported"]["psnr_db"] > 40  # fp16 weights vs fp32
+    fit = result["memory_fit"]["targets"][0]
+    assert fit["target"] == "iphone-14-pro" and fit["ram_gb"] == 6 and fit["fits_resident"]
+    assert fit["components"]["unet"]["weights_mb"] > 0

@@ -30,6 +30,8 @@ def latency_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG bar chart of the per-block breakdown"),
     pipeline: bool = typer.Option(False, "--pipeline", help="end to end: text encoder + --steps UNet steps + VAE decoder per target"),
     steps: int = typer.Option(50, "--steps", help="denoising steps for --pipeline"),
+    memory: bool = typer.Option(False, "--memory", help="load-time and peak memory per component and whether the pipeline "
+                                "fits each target's per-app limit (all models resident / loaded just in time)"),
 ):
     """Predict per-block and total latency of one component (or the whole pipeline) on one or more iPhones."""
     from snapopt.devices.latency import model_tables
@@ -40,6 +42,8 @@ def latency_command(
     if steps < 1:
         raise UsageError(f"--steps: must be at least 1 (got {steps})")
     targets = [TARGETS.resolve(t) for t in target]
+    if memory:
+        return _memory(model, targets, resolution, as_json)
     if pipeline:
         return _pipeline(model, targets, steps, resolution, as_json)
     tables, info = model_tables(model, targets, component, resolution, batch)
@@ -100,6 +104,32 @@ def _pipeline(model: str, targets, steps: int, resolution, as_json: bool) -> Non
     console.print(f"interval: 10th–90th percentile of cross-validated error on published numbers (×{lo:.2f}–×{hi:.2f}); "
                   "uncalibrated: no published row on this chip and profile, priced from spec and shared coefficients",
                   highlight=False)
+
+
+def _memory(model: str, targets, resolution, as_json: bool) -> None:
+    """``snapopt latency MODEL --memory``: snapopt.devices.memory per target, weights at each profile's bits."""
+    from snapopt.devices.memory import memory_report
+    from snapopt.lowering.interfaces import Shapes
+    from snapopt.models.loading import load_model
+
+    pipe = load_model(model, components=("unet", "vae", "text_encoder"), structure_only=model.startswith("arch:"),
+                      resolution=resolution)
+    out, lines = memory_report(pipe, Shapes(resolution=pipe.resolution, batch=2), targets)
+    if as_json:
+        print(json.dumps({"model": pipe.source, "resolution": pipe.resolution, **out}, indent=1))
+        return
+    tab = Table(title=f"{pipe.source} · {pipe.resolution}² · predicted memory (MB), weights at each profile's bits")
+    rows = out["targets"]
+    comps = list(rows[0]["components"])
+    for col in ("target", "profile", "RAM GB", "app limit (entitled)", *(f"{c} load/peak" for c in comps), "all resident",
+                "just in time", "verdict"):
+        tab.add_column(col, justify="left" if col in ("target", "profile", "verdict") else "right", overflow="fold")
+    for r in rows:
+        tab.add_row(r["target"], r["profile"], f"{r['ram_gb']:g}", f"{r['app_limit_mb']} ({r['entitled_limit_mb']})",
+                    *(f"{r['components'][c]['weights_mb']:.0f}/{r['components'][c]['peak_mb']:.0f}" for c in comps),
+                    f"{r['resident_mb']:.0f}", f"{r['just_in_time_mb']:.0f}", r["verdict"])
+    console.print(tab)
+    console.print(lines[-1], highlight=False)
 
 
 @target_app.callback()

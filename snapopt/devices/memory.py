@@ -140,7 +140,7 @@ def pipeline_fit(graphs: dict[str, Any], target, bits: dict[str, float] | float 
     resident = APP_BASE_MB + sum(m.weights_mb for m in comps.values()) + max(m.activations_mb for m in comps.values())
     jit = APP_BASE_MB + max(m.peak_mb for m in comps.values())
     limit, entitled = app_limit_mb(target), app_limit_mb(target, True)
-    return {"target": target.id, "ram_gb": target.device.chip.ram_gb, "ios": target.device.ios,
+    return {"target": target.id, "profile": target.profile.name, "ram_gb": target.device.chip.ram_gb, "ios": target.device.ios,
             "app_limit_mb": round(limit), "entitled_limit_mb": round(entitled),
             "components": {c: m.to_json() for c, m in comps.items()},
             "resident_mb": round(resident, 1), "just_in_time_mb": round(jit, 1),
@@ -173,12 +173,14 @@ def pipeline_graphs_for(pipe, shapes) -> dict[str, Any]:
     return out
 
 
-def memory_report(pipe, shapes, targets, bits: dict[str, float] | float = 16.0) -> tuple[dict[str, Any], list[str]]:
-    """Per-target memory fit and the report lines (what the lead can call from run.py, and the export adds)."""
+def memory_report(pipe, shapes, targets, bits: dict[str, float] | float | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Per-target memory fit and the report lines (the export's "Memory fit per target" section; callable from
+    run.py as ``memory_report(pipe, shapes, resolved.targets, bits)``). ``bits``: stored bits per component
+    (or one value); None prices each target at its deployment profile's ``weight_bits``."""
     graphs = pipeline_graphs_for(pipe, shapes)
     skips = unet_skip_bytes(pipe, shapes) if "unet" in graphs else 0.0
     params = component_params(pipe)
-    rows = [pipeline_fit(graphs, t, bits, skips, params) for t in targets]
+    rows = [pipeline_fit(graphs, t, float(t.profile.weight_bits) if bits is None else bits, skips, params) for t in targets]
     return {"targets": rows, "app_limit_fraction": APP_LIMIT_FRACTION, "entitled_limit_fraction": ENTITLED_LIMIT_FRACTION,
             "app_base_mb": APP_BASE_MB}, fit_lines(rows)
 

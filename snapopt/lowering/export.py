@@ -80,6 +80,18 @@ def describe_compression(comp: dict[str, Any]) -> str:
     return text + (f" ({comp['refused']})" if comp.get("refused") else "")
 
 
+def component_bits(pipe, comp: dict[str, Any]) -> dict[str, float]:
+    """Stored bits per weight of each lowered component under ``comp`` (the UNet's average for a mixed recipe)."""
+    from snapopt.lowering.compression import stored_bits
+    from snapopt.lowering.coreml import uniform_bits
+
+    other = {"fp16": 16.0, "int8": 8.0, "w8a8": 8.0}.get(comp["scheme"])
+    if other is None:
+        other = float(uniform_bits(comp["bits"]) if comp["scheme"] == "mixed" else comp["bits"])
+    unet = stored_bits(pipe.unet, comp) if comp["scheme"] == "mixed" and "recipe" in comp else other
+    return {"unet": unet, "text_encoder": other, "vae_decoder": other}
+
+
 def per_model_limit_mb(targets) -> float | None:
     return min((t.device.max_weights_per_model_mb for t in targets), default=None)
 
@@ -190,6 +202,12 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
             result["compression_report"], lines = compression_section(pipe, shapes, comp, result["coreml"], targets)
         apple_section = result["sections"][-1]
         result["sections"].append({"title": "Compression per target", "lines": lines})
+        if spec.memory_fit and targets and {"unet", "vae_decoder", "text_encoder"} <= set(pipe.components()):
+            from snapopt.devices.memory import memory_report
+
+            with stage("predict memory fit per target"):
+                result["memory_fit"], mlines = memory_report(pipe, shapes, targets, component_bits(pipe, comp))
+            result["sections"].append({"title": "Memory fit per target", "lines": mlines})
         if spec.apple_check:
             from snapopt.lowering.apple_check import check_apple
 

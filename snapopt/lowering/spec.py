@@ -59,6 +59,8 @@ class ExportSpec(BaseModel):
         "smallest max_weights_per_model_mb of the recipe's targets")
     coreai: bool = Field(False, description="also lower every component to a Core AI .aimodel (coreai-torch), same interface names")
     coreai_check: bool = Field(True, description="run each .aimodel in coreai.runtime (works on Linux) against torch")
+    memory_fit: bool = Field(True, description="predict load-time and peak memory per component and whether the pipeline "
+                             "fits each target's per-app limit, all models resident or loaded just in time")
     apple_check: bool = Field(True, description="run `snapopt check apple` on the Core ML export and fail the run if it does not pass")
 
     @field_validator("compression", mode="before")
