@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--mixed", default="4.5,3", help="mixed-bit target averages")
     ap.add_argument("--eval-prompts", type=int, default=8)
     ap.add_argument("--eval-steps", type=int, default=25)
+    ap.add_argument("--probe-prompts", type=int, default=2, help="prompts of the PSNR probe (x 3 timesteps)")
     ap.add_argument("--packages", action="store_true", help="also lower each scheme's UNet to Core ML and measure the package")
     ap.add_argument("--out", default=str(ROOT / "bench/results/compression_schemes_zoo.json"))
     args = ap.parse_args()
@@ -45,7 +46,7 @@ def main() -> None:
     shapes = Shapes(resolution=pipe.resolution, batch=2)
     targets = [TARGETS.resolve(t) for t in args.targets.split(",")]
     graph = block_graph(pipe, "unet", shapes)
-    probe = schemes.probe_for(pipe, shapes)
+    probe = cmp.UnetProbe.prepare(pipe, latent=shapes.latent(pipe), prompts=args.probe_prompts)
     t0 = time.perf_counter()
     sens = cmp.sensitivity(pipe.unet, probe, progress=say)
     say(f"sensitivity: {len(sens.psnr)} layers x {len(cmp.NBITS)} widths in {sens.seconds:.0f} s")
