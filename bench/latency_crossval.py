@@ -34,7 +34,7 @@ def plot(cv: list[dict], insample: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     marks = {"unet_step": "o", "e2e": "s", "vae_decoder": "^", "text_encoder": "v"}
-    for kind, color in (("device", "tab:blue"), ("model", "tab:orange"), ("arch", "tab:green"), ("era", "tab:red")):
+    for kind, color in (("device", "tab:blue"), ("chip", "tab:purple"), ("model", "tab:orange"), ("arch", "tab:green"), ("era", "tab:red")):
         pts = [r for r in cv if r["fold"].startswith(kind)]
         for metric, m in marks.items():
             sel = [r for r in pts if r["metric"] == metric]
@@ -87,7 +87,7 @@ def main() -> None:
         flag = "  (sole evidence of its era)" if r["sole_era_evidence"] else ""
         print(f"{r['fold']:34s} {r['row']:72s} {r['measured_ms']:9.0f} {r['predicted_ms']:9.0f} {r['error_pct']:+6.1f}%{flag}")
     rest = [r for r in cv if not r["sole_era_evidence"]]
-    kinds = ("device", "model", "arch", "era")
+    kinds = ("device", "chip", "model", "arch", "era")
     summary = {
         "unet_step+e2e": summarize(cv), "all": summarize(cv, ("unet_step", "e2e", "vae_decoder", "text_encoder")),
         "unet_step+e2e, sole era evidence apart": summarize(rest),

@@ -349,11 +349,13 @@ def sole_evidence(rows: list[PubRow], metrics: Iterable[str] = ("unet_step", "e2
 
 def cross_validate(rows: list[PubRow], graphs: Graphs, full: FitResult, progress: Callable[[str], None] = lambda m: None,
                    max_nfev: int = 60) -> list[dict]:
-    """Refit leaving out one device, one model (as published), one architecture (models that build the same
-    network) and one era at a time; every left-out row's error."""
+    """Refit leaving out one device, one chip (every device on it: a new phone priced from its spec alone), one
+    model (as published), one architecture (models that build the same network) and one era at a time; every
+    left-out row's error."""
     out = []
     sole = sole_evidence(rows)
-    folds = ([("device", d) for d in sorted({r.device for r in rows})] + [("model", m) for m in sorted({r.model for r in rows})]
+    folds = ([("device", d) for d in sorted({r.device for r in rows})] + [("chip", c) for c in sorted({r.chip for r in rows})]
+             + [("model", m) for m in sorted({r.model for r in rows})]
              + [("arch", a) for a in sorted({r.arch for r in rows}) if len({r.model for r in rows if r.arch == a}) > 1]
              + [("era", e) for e in sorted({r.era for r in rows})])
     for kind, value in folds:
