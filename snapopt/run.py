@@ -339,7 +339,11 @@ class WorkFolder:
         from snapopt.serialization import load
 
         j = self.journal
-        modules = {attr: getattr(load(self.resume_dir / "state" / name), attr) for attr, name in j["components"].items()}
+        try:
+            modules = {attr: getattr(load(self.resume_dir / "state" / name), attr) for attr, name in j["components"].items()}
+        except (OSError, ValueError, KeyError) as exc:  # a missing or damaged folder (ModelRefError is passed on as is)
+            raise UsageError(f"--resume: the components saved in '{self.resume_dir}' cannot be reloaded ({exc.__class__.__name__}: "
+                             f"{exc}); remove '{self.path}' to start again") from None
         fields = j["fields"]
         extra = dict(teacher.extra)
         scheduler = _scheduler_from(fields["scheduler"], teacher.scheduler)

@@ -20,7 +20,8 @@ from snapopt.checks.output import cleanup_stale_runs, work_folder
 from snapopt.recipe import load_recipe
 from snapopt.run import apply
 
-STOP = '''"""Kills its own process (SIGKILL) when SNAPOPT_TEST_KILL=between: a run killed between two passes."""
+STOP = '''"""Kills its own process (SIGKILL) when SNAPOPT_TEST_KILL=between: a run killed between two passes
+(=interrupt: Ctrl-C there)."""
 import os
 import signal
 
@@ -38,6 +39,8 @@ class StopHere(Pass):
     def run(self, program, ctx):
         if os.environ.get("SNAPOPT_TEST_KILL") == "between":
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("SNAPOPT_TEST_KILL") == "interrupt":
+            raise KeyboardInterrupt
         return PassResult(program, modified=False)
 '''
 
@@ -150,6 +153,18 @@ def test_killed_between_passes_resumes_bit_identical(reference, tmp_path):
     assert result.report["resumed"] == {"passes_reused": 2}
     assert result.report["passes"][-1]["stats"]["resumed_from"] is None  # the training pass ran whole
     _assert_same_run(out, reference)
+
+
+def test_interrupted_run_keeps_its_work_folder_only_with_resume(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM (a preempted machine) with --resume keeps what the run finished; without, nothing stays."""
+    recipe, out = _recipe(tmp_path), tmp_path / "runs" / "run"
+    monkeypatch.setenv("SNAPOPT_TEST_KILL", "interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        apply(load_recipe(recipe), out, resume=True)
+    assert [p["pass"] for p in _journal(out)["passes"]] == ["remove_blocks", "channel_prune"] and not out.exists()
+    with pytest.raises(KeyboardInterrupt):  # --overwrite discards the leftover; interrupted without --resume: removed
+        apply(load_recipe(recipe), out, overwrite=True)
+    assert list(out.parent.iterdir()) == []
 
 
 def _cli(args, capsys) -> tuple[int, list[str]]:
