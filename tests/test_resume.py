@@ -162,9 +162,6 @@ def test_interrupted_run_keeps_its_work_folder_only_with_resume(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         apply(load_recipe(recipe), out, resume=True)
     assert [p["pass"] for p in _journal(out)["passes"]] == ["remove_blocks", "channel_prune"] and not out.exists()
-    with pytest.raises(KeyboardInterrupt):  # --overwrite discards the leftover; interrupted without --resume: removed
-        apply(load_recipe(recipe), out, overwrite=True)
-    assert list(out.parent.iterdir()) == []
 
 
 def _cli(args, capsys) -> tuple[int, list[str]]:
@@ -175,7 +172,7 @@ def _cli(args, capsys) -> tuple[int, list[str]]:
     return exc.value.code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
-def test_leftover_work_folder_needs_resume_and_the_same_recipe(tmp_path, capsys):
+def test_leftover_work_folder_needs_resume_and_the_same_recipe(tmp_path, capsys, monkeypatch):
     recipe, out = _recipe(tmp_path), tmp_path / "runs" / "run"
     work = work_folder(out)
     (work / ".resume").mkdir(parents=True)
@@ -206,6 +203,18 @@ def test_leftover_work_folder_needs_resume_and_the_same_recipe(tmp_path, capsys)
     finally:
         os.close(fd)
     assert code == 2 and len(err) == 1 and "in use" in err[0], err
+
+    # --overwrite discards the leftover; a run interrupted without --resume leaves nothing
+    import snapopt.run
+
+    def interrupted(*a, **k):
+        assert not (work / TRAIN_DIR).exists()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(snapopt.run, "load_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apply(load_recipe(recipe), out, overwrite=True)
+    assert list(out.parent.iterdir()) == []
 
 
 def test_stale_cleanup_keeps_work_folders(tmp_path):
