@@ -374,4 +374,8 @@ class SchemeResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, [], {})}
+        """JSON-safe: an exact PSNR (identical outputs) is the string "inf"."""
+        out = {k: v for k, v in self.__dict__.items() if v not in (None, [], {})}
+        if isinstance(out.get("psnr_db"), float) and math.isinf(out["psnr_db"]):
+            out["psnr_db"] = "inf"
+        return out

@@ -144,7 +144,7 @@ def compression_section(pipe, shapes: Shapes, comp: dict[str, Any], coreml_entri
     for r in rows:
         mb = sum(r.package_mb.values())
         pk = f"{mb:.2f}" + (" (predicted)" if any("predicted" in k for k in r.package_mb) else "")
-        lines.append(f"| {r.scheme} | {r.bits:g} | {pk} | {r.psnr_db:g} |" + "".join(f" {r.latency_ms[t.id]:.1f} |" for t in targets))
+        lines.append(f"| {r.scheme} | {r.bits:g} | {pk} | {r.psnr_db:.1f} |" + "".join(f" {r.latency_ms[t.id]:.1f} |" for t in targets))
     lines += ["", f"- All exported packages: {all_mb:.2f} MB ({', '.join(sorted({e['component'] for e in coreml_entries}))})."]
     if comp["scheme"] == "mixed":
         lines += [f"- mixed-bit recipe: {comp.get('bits_histogram')} layers per width, single-layer PSNR threshold "
