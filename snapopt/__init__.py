@@ -37,8 +37,9 @@ def inspect(pipe, component: str = "unet", *, resolution: int | None = None, bat
     return block_graph(pipe, component, Shapes(resolution=resolution or pipe.resolution, batch=batch))
 
 
-def apply(recipe: str | Path, out: str | Path, *, overwrite: bool = False, **overrides: Any):
+def apply(recipe: str | Path, out: str | Path, *, overwrite: bool = False, resume: bool = False, **overrides: Any):
+    """Run a recipe into ``out``; ``resume=True`` continues a killed run from its hidden ``.OUT.work`` folder."""
     from snapopt.recipe import load_recipe
     from snapopt.run import apply as _apply
 
-    return _apply(load_recipe(recipe, overrides), Path(out), overwrite=overwrite)
+    return _apply(load_recipe(recipe, overrides), Path(out), overwrite=overwrite, resume=resume)
