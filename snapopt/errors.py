@@ -71,20 +71,42 @@ class Terminated(BaseException):
     exit_code = 143
 
 
+#: signals whose exception was raised but may have been swallowed on the way up (see :func:`raise_pending_signal`)
+_PENDING: list[BaseException] = []
+
+
 def raise_on_sigterm() -> None:
-    """Turn SIGTERM into an exception, so cleanup (``finally``, run.apply's temporary folder) runs as it does
-    for Ctrl-C. Only where SIGTERM still has its default action and only in the main thread."""
+    """Turn SIGTERM into an exception, so cleanup (``finally``, run.apply's work folder) runs as it does for
+    Ctrl-C, and remember both signals: Python raises a signal's exception in whatever frame runs, and one that
+    lands in a ``__del__`` or a library callback is printed and dropped, so the run would go on and exit 0.
+    Long work calls :func:`raise_pending_signal` between stages to raise it again. Only in the main thread, and
+    only where the handlers are still Python's defaults."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if threading.current_thread() is not threading.main_thread():
         return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def on_term(signum, frame):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+            exc = Terminated("terminated (SIGTERM)")
+            _PENDING.append(exc)
+            raise exc
 
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
-        raise Terminated("terminated (SIGTERM)")
+        signal.signal(signal.SIGTERM, on_term)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        def on_int(signum, frame):
+            exc = KeyboardInterrupt()
+            _PENDING.append(exc)
+            raise exc
 
-    signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, on_int)
+
+
+def raise_pending_signal() -> None:
+    """Raise again a SIGINT/SIGTERM whose exception something swallowed (called at stage boundaries)."""
+    if _PENDING:
+        raise _PENDING.pop()
 
 
 # ---- the one exit-code discipline -----------------------------------------------------------------------
@@ -124,6 +146,7 @@ def run_cli(invoke, *, prog: str = "snapopt", echo=None) -> int:
 
     say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     debug = bool(os.environ.get("SNAPOPT_DEBUG"))
+    _PENDING.clear()
     try:
         rv = invoke()
     except SnapoptError as exc:

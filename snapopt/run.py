@@ -36,7 +36,7 @@ from snapopt.core import PassContext, PassManager
 from snapopt.checks.model import check_pipeline_outputs, check_pipeline_weights
 from snapopt.checks.output import check_output_dir, work_folder
 from snapopt.core.pass_manager import PassRecord
-from snapopt.errors import PostconditionError, UsageError
+from snapopt.errors import PostconditionError, UsageError, raise_pending_signal
 from snapopt.devices.report import latency_report, pipeline_report
 from snapopt.lowering.export import lower_exports
 from snapopt.lowering.interfaces import Shapes
@@ -62,7 +62,12 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, r
     keep it if this run fails or is interrupted. Without it a leftover work folder is an error (``overwrite``
     discards it), and a failed run removes its work folder."""
     recipe = resolved.recipe
-    say = progress or (lambda msg: None)
+    report_progress = progress or (lambda msg: None)
+
+    def say(msg: str) -> None:
+        raise_pending_signal()  # a Ctrl-C that landed in a library's __del__ was swallowed: stop here instead
+        report_progress(msg)
+
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

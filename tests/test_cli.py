@@ -212,3 +212,32 @@ def test_fuzz_train_spec_files(tmp_path, capsys):
             failures.append(f"{case_id}: exit {code}, want {want!r}, got {err[:2]}")
     print(f"\nfuzz train specs: {len(all_cases)} cases, {len(all_cases) - len(failures)} clean")
     assert not failures, "\n".join(failures)
+
+
+def test_a_swallowed_ctrl_c_is_raised_again_at_the_next_stage():
+    """A signal's exception raised inside ``__del__`` is printed and dropped by Python; the run must still stop."""
+    import os
+
+    from snapopt import errors
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        errors._PENDING.clear()
+        errors.raise_on_sigterm()
+
+        class KilledWhileCollected:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # let the handler run here, inside __del__
+                    pass
+
+        KilledWhileCollected()  # "Exception ignored in ... __del__": KeyboardInterrupt swallowed
+        with pytest.raises(KeyboardInterrupt):
+            errors.raise_pending_signal()
+        errors.raise_pending_signal()  # raised once, not again
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+        errors._PENDING.clear()
