@@ -1,13 +1,23 @@
-"""Distillation throughput: SD-v1.5 teacher -> BK-SDM-Small student (random weights), one GPU.
+"""Distillation throughput: SD-v1.5 teacher -> BK-SDM-Small student (random weights), one GPU, per
+trainer configuration side by side in one run (issue 15).
 
-Measures images/s and model FLOPs utilisation of snapopt's recovery trainer (bf16 autocast on CUDA,
-output + stage-feature KD, EMA) against plain eager training loops in the same run (fp32, and bf16
-autocast without KD hooks or EMA). FLOPs per image: student MACs x 2 x 3 (forward + backward) plus the
-teacher's forward MACs x 2; MACs from snapopt.capture.block_graph at the training resolution (with the
-attention matmuls). MFU is against the GPU's dense bf16 peak.
+Each configuration is snapopt's recovery trainer (bf16 autocast on CUDA, output + stage-feature KD, EMA)
+with different speed options, from the same start weights:
 
-    python bench/distill_throughput.py                 # on the GPU
-    python bench/distill_throughput.py --tiny --steps 3 --batch 2   # CPU smoke test
+* ``eager``: the loop as it was: foreach AdamW, fp32 teacher under autocast, cuDNN heuristics
+* ``fast``: the defaults now: fused AdamW, a bf16 teacher copy, cuDNN autotuning, no pageable host copies
+* ``fast+channels_last``, ``fast+compile`` (Inductor), ``fast+compile-ro`` (Inductor + CUDA graphs),
+  ``fast+cudagraphs`` (CUDA graphs without Inductor): ``--configs`` picks
+
+Per configuration: images/s (steady state, after a warm-up run that pays for compilation), MFU, peak memory,
+warm-up seconds, and the first steps' losses against ``eager``'s (numerics unchanged). FLOPs per image:
+student MACs x 2 x 3 (forward + backward) plus the teacher's forward MACs x 2; MACs from
+snapopt.capture.block_graph at the training resolution (with the attention matmuls). MFU is against the GPU's
+dense bf16 peak.
+
+    python bench/distill_throughput.py --batch 32                      # SD-v1.5 scale, on the GPU
+    python bench/distill_throughput.py --teacher zoo:snapshapes --batch 512 --configs eager,fast,fast+compile-ro
+    python bench/distill_throughput.py --tiny --steps 2 --batch 2 --configs eager,fast   # CPU smoke test
 """
 
 from __future__ import annotations
@@ -79,15 +89,33 @@ def plain_loop(teacher, student, batch: int, steps: int, device, bf16: bool) -> 
     return batch * len(times) / sum(times)
 
 
+CONFIGS = {
+    "eager": dict(fused_optimizer=False, teacher_precision="fp32", cudnn_benchmark=False),
+    "fast": {},
+    "fast+channels_last": dict(channels_last=True),
+    "fast+compile": dict(compile={"mode": "default"}),
+    "fast+compile+channels_last": dict(compile={"mode": "default"}, channels_last=True),
+    "fast+compile-ro": dict(compile={"mode": "reduce-overhead"}),
+    "fast+compile-autotune": dict(compile={"mode": "max-autotune-no-cudagraphs"}),
+    "fast+cudagraphs": dict(compile={"backend": "cudagraphs"}),
+}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="arch:tiny on CPU (smoke test)")
     ap.add_argument("--teacher", default="arch:sd-v1.5", help="teacher model (arch:, zoo:, folder); default full-size SD-v1.5")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=3, help="steps run first (compilation, CUDA-graph recording, autotuning)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--configs", default="eager,fast,fast+channels_last,fast+compile", help=f"comma list of {', '.join(CONFIGS)}")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--plain", action="store_true", help="also the hand-written plain loops (fp32, bf16)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown config {unknown[0]}; choose from {', '.join(CONFIGS)}")
 
     from snapopt.models import load_model
     from snapopt.passes.remove_blocks import RemoveBlocks
@@ -108,39 +136,69 @@ def main():
     teacher.to(device)
     student.to(device)
     teacher.unet.eval()
+    start = {k: v.clone() for k, v in student.unet.state_dict().items()}
     peak = peak_flops(device)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "teacher": ref,
                "student": "bk-sdm-small (recipes/bk-sdm-small.yaml)", "resolution": resolution, "batch": args.batch,
-               "steps": args.steps, "teacher_gmacs": mac_t / 1e9, "student_gmacs": mac_s / 1e9,
+               "steps": args.steps, "warmup_steps": args.warmup, "teacher_gmacs": mac_t / 1e9, "student_gmacs": mac_s / 1e9,
                "student_params": sum(p.numel() for p in student.unet.parameters()),
                "flops_per_image_student_fwd_bwd": 6 * mac_s, "flops_per_image_with_teacher_fwd": flops_per_image,
-               "peak_bf16_flops": peak, "runs": {}}
+               "peak_bf16_flops": peak, "torch": torch.__version__, "runs": {}}
 
-    def record(name, ips):
+    def record(name, ips, **extra):
         entry = {"images_per_s": round(ips, 3), "tflops": round(ips * flops_per_image / 1e12, 3)}
         if peak:
             entry["mfu"] = round(ips * flops_per_image / peak, 4)
             entry["mfu_student_only"] = round(ips * 6 * mac_s / peak, 4)
+        entry.update(extra)
         results["runs"][name] = entry
-        print(f"{name:28s} {ips:8.2f} img/s  {entry['tflops']:8.2f} TFLOP/s  MFU {entry.get('mfu', 'n/a')}", flush=True)
-
-    o = TrainOptions(steps=args.steps + 1, batch=args.batch, progress=False, ema=0.9999, device=str(device),
-                     gradient_checkpointing=args.gradient_checkpointing, optim=dict(lr=1e-5))
-    obj = RecoverObjective(teacher, student.unet, o, RecoverLoss(), device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    res = Trainer(obj, o, None, device=device).run()
-    obj.close()
-    record("snapopt_trainer_bf16_kd_ema", res.images_per_second)
-    if device.type == "cuda":
-        results["runs"]["snapopt_trainer_bf16_kd_ema"]["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-    record("plain_eager_fp32", plain_loop(teacher.unet, student.unet, args.batch, args.steps, device, bf16=False))
-    if device.type == "cuda":
-        record("plain_eager_bf16", plain_loop(teacher.unet, student.unet, args.batch, args.steps, device, bf16=True))
+        print(f"{name:28s} {ips:8.2f} img/s  {entry['tflops']:8.2f} TFLOP/s  MFU {entry.get('mfu', 'n/a')}  "
+              f"{ {k: v for k, v in extra.items() if k != 'losses'} }", flush=True)
 
     tag = "tiny" if args.tiny else ("" if ref == "arch:sd-v1.5" else ref.replace(":", "_").replace("/", "_"))
-    out = args.out or ROOT / "bench" / "results" / f"distill_throughput{'_' + tag if tag else ''}_b{args.batch}.json"
+    card = results["device"].replace("NVIDIA ", "").split()[0].lower()
+    out = args.out or ROOT / "bench" / "results" / f"distill_throughput{'_' + tag if tag else ''}_b{args.batch}_{card}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    ref_losses = None
+    for name in args.configs.split(","):
+        student.unet.load_state_dict(start)
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = False  # sticky across configurations: each sets what it uses
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        o = TrainOptions(steps=args.warmup, batch=args.batch, progress=False, ema=0.9999, device=str(device),
+                         gradient_checkpointing=args.gradient_checkpointing, optim=dict(lr=1e-5), **CONFIGS[name])
+        try:
+            obj = RecoverObjective(teacher, student.unet, o, RecoverLoss(), device=device)
+            t0 = time.perf_counter()
+            warm = Trainer(obj, o, None, device=device).run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            warm_s = time.perf_counter() - t0
+            o2 = o.model_copy(update={"steps": args.steps + 1})
+            res = Trainer(obj, o2, None, device=device).run()
+            obj.close()
+        except torch.cuda.OutOfMemoryError as exc:  # the largest batch is part of what is measured
+            results["runs"][name] = {"error": f"out of memory: {str(exc)[:200]}"}
+            print(f"{name:28s} out of memory", flush=True)
+            continue
+        losses = [r["loss"] for r in warm.history]
+        extra = {"warmup_seconds": round(warm_s, 2), "losses": losses}
+        if device.type == "cuda":
+            extra["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        if ref_losses is None:
+            ref_losses = losses
+        else:
+            extra["loss_rel_diff_vs_first"] = round(max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)), 6)
+        record(name, res.images_per_second, **extra)
+        out.write_text(json.dumps(results, indent=1))  # after each: a run cut short keeps what it measured
+    student.unet.load_state_dict(start)
+    if args.plain:
+        record("plain_eager_fp32", plain_loop(teacher.unet, student.unet, args.batch, args.steps, device, bf16=False))
+        if device.type == "cuda":
+            record("plain_eager_bf16", plain_loop(teacher.unet, student.unet, args.batch, args.steps, device, bf16=True))
+
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
 

@@ -6,11 +6,13 @@ every DDP rank draw the same samples; each rank then keeps its slice (:func:`sna
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from snapopt.errors import UsageError
+from snapopt.train.accel import to_device
 from snapopt.train.dist import DistInfo, shard, step_generator
 from snapopt.train.options import DataOptions
 
@@ -25,17 +27,27 @@ class Batch:
     gen: torch.Generator      # the step's generator, for objectives that draw more (guidance scale, skips)
 
 
+#: prompt embeddings per text encoder, by prompt list: every stage of a run (and every block_prune round)
+#: embeds the same pool, so it is encoded once. Keyed weakly by the encoder module; frozen in every job.
+_EMBEDDINGS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+#: encoded zoo pools per VAE encoder, by (n, seed): recover and step_distill draw the same 8192 scenes
+_POOLS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 @torch.no_grad()
 def embed(pipe, prompts: list[str], device: torch.device, seed: int = 0) -> torch.Tensor:
     """CLIP last hidden states of ``prompts`` (seeded noise when the pipeline has no text encoder)."""
     dim = pipe.unet.config.cross_attention_dim
     if pipe.text_encoder is None or pipe.tokenizer is None:
         return torch.randn(len(prompts), 77, dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     enc = pipe.text_encoder
-    dev = next(enc.parameters()).device
-    out = [enc(ids[i:i + 64].to(dev))[0].float() for i in range(0, len(ids), 64)]
-    return torch.cat(out).to(device)
+    cache = _EMBEDDINGS.setdefault(enc, {})
+    key = tuple(prompts)
+    if key not in cache:
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        dev = next(enc.parameters()).device
+        cache[key] = torch.cat([enc(ids[i:i + 64].to(dev))[0].float() for i in range(0, len(ids), 64)])
+    return cache[key].to(device)
 
 
 class LatentSource:
@@ -84,14 +96,14 @@ class LatentSource:
         drop = torch.rand(size, generator=gen) < self.o.cond_dropout
         rows = shard(torch.arange(size), info)
         if x0 is None:
-            x0 = self.pool_x0[shard(pick, info).to(self.pool_x0.device)]
+            x0 = self.pool_x0[to_device(shard(pick, info), self.pool_x0.device)]
         else:
             x0 = x0[rows]
-        cond = self.cond_bank[prompt[rows].to(self.cond_bank.device)]
+        cond = self.cond_bank[to_device(prompt[rows], self.cond_bank.device)]
         uncond = self.uncond.expand_as(cond)
-        keep = (~drop[rows]).to(self.device).view(-1, 1, 1)
+        keep = to_device(~drop[rows], self.device).view(-1, 1, 1)
         cond = torch.where(keep, cond, uncond)
-        return Batch(x0=x0.to(self.device), cond=cond, uncond=uncond, noise=noise[rows].to(self.device), t=t[rows], gen=gen)
+        return Batch(x0=to_device(x0, self.device), cond=cond, uncond=uncond, noise=to_device(noise[rows], self.device), t=t[rows], gen=gen)
 
 
 @torch.no_grad()
@@ -103,8 +115,12 @@ def _zoo_pool(teacher, n: int, seed: int, device: torch.device) -> tuple[list[st
         raise UsageError(f"data.source 'zoo' needs snapopt.zoo: {exc}") from None
     if teacher.vae is None:
         raise UsageError("data.source 'zoo' needs the teacher's VAE to encode images")
-    scenes = shapes.sample_scenes(n, seed, split="train")
     enc = teacher.component("vae_encoder")
+    cache = _POOLS.setdefault(teacher.vae, {})  # the encoder view is made anew per call; the VAE is not
+    if (n, seed) in cache:
+        captions, pool = cache[(n, seed)]
+        return list(captions), pool.to(device)
+    scenes = shapes.sample_scenes(n, seed, split="train")
     dev = next(enc.parameters()).device
     scale = teacher.vae.config.scaling_factor
     out = []
@@ -112,4 +128,5 @@ def _zoo_pool(teacher, n: int, seed: int, device: torch.device) -> tuple[list[st
         part = type(scenes)(**{k: v[i:i + 32] for k, v in scenes.__dict__.items()})
         img = shapes.render(part, seed + i, device=dev)
         out.append(enc(img).float() * scale)
-    return scenes.captions(), torch.cat(out).to(device)
+    cache[(n, seed)] = (list(scenes.captions()), torch.cat(out))
+    return scenes.captions(), cache[(n, seed)][1].to(device)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from snapopt.train.accel import to_device
+
 
 class Schedule:
     """alpha_bar over the training timesteps, from the pipeline's scheduler (SD: scaled_linear, 1000 steps)."""
@@ -31,7 +33,7 @@ class Schedule:
         return torch.where(t < 0, torch.full_like(ab, self.final), ab)
 
     def coeffs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ab = self.alpha_bar(t).to(like.device)
+        ab = to_device(self.alpha_bar(t), like.device)
         shape = (-1,) + (1,) * (like.dim() - 1)
         return ab.sqrt().view(shape).to(like.dtype), (1 - ab).sqrt().view(shape).to(like.dtype)
 

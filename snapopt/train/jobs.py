@@ -50,7 +50,11 @@ class StepDistillJob(PassOptions):
 
 @contextmanager
 def on_device(pipes, device: torch.device):
-    """Move the pipelines' modules to ``device`` for training and back to where each was afterwards."""
+    """Move the pipelines' modules to ``device`` for training and back to where each was afterwards.
+
+    ``Module.to`` keeps parameter objects but replaces buffers (CLIP's ``position_ids``); a buffer that comes
+    back unchanged gets its original tensor back, so the pass manager's check for undeclared writes (tensor
+    identity and version) sees a text encoder that was only used, not modified."""
     moved = []
     seen = set()
     for pipe in pipes:
@@ -59,13 +63,19 @@ def on_device(pipes, device: torch.device):
                 continue
             seen.add(id(m))
             p = next(m.parameters(), None)
-            moved.append((m, p.device if p is not None else torch.device("cpu")))
+            buffers = [(sub, name, buf) for sub in m.modules() for name, buf in sub._buffers.items() if buf is not None]
+            moved.append((m, p.device if p is not None else torch.device("cpu"), buffers))
             m.to(device)
     try:
         yield
     finally:
-        for m, dev in moved:
+        for m, dev, buffers in moved:
             m.to(dev)
+            for sub, name, orig in buffers:
+                now = sub._buffers.get(name)
+                if now is not None and now is not orig and now.dtype == orig.dtype and now.device == orig.device \
+                        and now.shape == orig.shape and torch.equal(now, orig):
+                    sub._buffers[name] = orig
 
 
 def _check_teacher(teacher, program, component: str) -> None:

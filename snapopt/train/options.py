@@ -43,6 +43,19 @@ class DataOptions(_Opts):
     fixed_batch: bool = Field(False, description="the same batch every step (debugging, overfit tests)")
 
 
+class CompileOptions(_Opts):
+    """torch.compile of the training forwards (snapopt.train.accel). Off unless the spec names it."""
+
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="reduce-overhead adds CUDA graphs (static shapes): what launch-bound small models need")
+    backend: Literal["inductor", "cudagraphs", "aot_eager", "eager"] = Field(
+        "inductor", description="cudagraphs: CUDA graphs without Inductor's code generation (seconds to compile, not minutes)")
+    student: bool = Field(True, description="compile the student's forward (+ backward)")
+    teacher: bool = Field(True, description="compile the teacher's forward")
+    dynamic: bool | None = Field(False, description="torch.compile's dynamic; False: one graph per input shape")
+    fullgraph: bool = False
+
+
 class TrainOptions(_Opts):
     steps: int = Field(100, ge=1)
     batch: int = Field(4, ge=1, description="global batch (split over ranks)")
@@ -60,6 +73,16 @@ class TrainOptions(_Opts):
     log_every: int = Field(1, ge=1)
     progress: bool = True
     find_unused_parameters: bool | None = Field(None, description="DDP; default: on when blocks are skipped at random")
+    # -- speed (snapopt.train.accel): none of these changes what is trained, only how fast ----------------
+    compile: CompileOptions | None = Field(None, description="torch.compile the forwards (off when absent)")
+    fused_optimizer: bool | None = Field(None, description="AdamW(fused=True): one kernel for the whole step; default: on CUDA")
+    teacher_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: a bf16 copy of the teacher when training under bf16 autocast (the cast autocast "
+                            "would make every forward, made once); the pipeline's own teacher is never changed")
+    channels_last: bool = Field(False, description="channels-last memory format for student and teacher (convolution-heavy UNets)")
+    cudnn_benchmark: bool | None = Field(None, description="let cuDNN time its convolution algorithms; default: on CUDA")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp (replicated) or fsdp (FSDP2 fully_shard "
+                                                                 "per UNet block: parameters, gradients and optimizer state sharded)")
 
     @model_validator(mode="after")
     def _check(self):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from snapopt.train.accel import TeacherForward, to_device
 from snapopt.train.data import LatentSource
 from snapopt.train.diffusion import Schedule
 from snapopt.train.features import FeatureMatcher
@@ -34,7 +35,9 @@ class RecoverObjective:
         self.train_o, self.lo = train, loss
         self.sched = Schedule(teacher.scheduler, teacher.prediction_type)
         self.data = data or LatentSource(teacher, train.data, seed=train.seed, device=device, num_train=self.sched.num_train)
-        self.matcher = FeatureMatcher(teacher.unet, student_unet, loss.stages or None) if loss.feature_kd > 0 else None
+        #: the frozen teacher as trained against (bf16 copy / compiled per the options); hooks go on its module
+        self.teacher_fwd = TeacherForward(teacher.unet, train, device)
+        self.matcher = FeatureMatcher(self.teacher_fwd.module, student_unet, loss.stages or None) if loss.feature_kd > 0 else None
         self.skipper = RandomSkipper(student_unet, robust) if robust.enabled else None
         self.skips_blocks = self.skipper is not None
         self.forward_model: nn.Module = student_unet
@@ -46,12 +49,11 @@ class RecoverObjective:
     def loss(self, step: int, info: DistInfo):
         b = self.data.batch(step, self.train_o.batch, info)
         x_t = self.sched.add_noise(b.x0, b.noise, b.t)
-        t = b.t.to(x_t.device)
+        t = to_device(b.t, x_t.device)
         want_teacher = self.lo.output_kd > 0 or self.lo.feature_kd > 0
         t_out = None
         if want_teacher:
-            with torch.no_grad():
-                t_out = self.teacher.unet(x_t, t, b.cond, return_dict=False)[0]
+            t_out = self.teacher_fwd(x_t, t, b.cond, return_dict=False)[0]
         skipped = self.skipper.choose(step_generator(self.train_o.seed, step, stream=1)) if self.skipper else []
         for name in skipped:
             self.skip_counts[name] = self.skip_counts.get(name, 0) + 1

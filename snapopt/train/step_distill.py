@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from snapopt.train.accel import TeacherForward, to_device
 from snapopt.train.data import LatentSource
 from snapopt.train.diffusion import Schedule, guided
 from snapopt.train.dist import DistInfo, shard, step_generator
@@ -38,7 +39,7 @@ class StepDistillObjective:
     def __init__(self, teacher, student_unet: nn.Module, train: TrainOptions, loss: StepDistillLoss = StepDistillLoss(), *,
                  device: torch.device, teacher_unet: nn.Module | None = None, data: LatentSource | None = None):
         self.teacher, self.student = teacher, student_unet
-        self.teacher_unet = teacher_unet or teacher.unet
+        self.teacher_unet = TeacherForward(teacher_unet or teacher.unet, train, device)
         self.train_o, self.lo = train, loss
         self.sched = Schedule(teacher.scheduler, teacher.prediction_type)
         self.data = data or LatentSource(teacher, train.data, seed=train.seed, device=device, num_train=self.sched.num_train)
@@ -72,12 +73,12 @@ class StepDistillObjective:
             return per_sample_mse(pred, target)
         x0_pred, _ = self.sched.to_x0_eps(pred, x_t, t)
         x0_target, _ = self.sched.to_x0_eps(target, x_t, t)
-        ab = self.sched.alpha_bar(t).to(x_t.device)
+        ab = to_device(self.sched.alpha_bar(t), x_t.device)
         weight = (ab / (1 - ab)).clamp(min=1.0).to(x_t.dtype)
         return weight * per_sample_mse(x0_pred, x0_target)
 
     def _teacher_pred(self, x, t, cond, uncond, scale):
-        tt = t.to(x.device)
+        tt = to_device(t, x.device)
         if scale is None:
             return self.teacher_unet(x, tt, cond, return_dict=False)[0].float()
         out = self.teacher_unet(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond]), return_dict=False)[0].float()
@@ -92,11 +93,11 @@ class StepDistillObjective:
         t = shard(self.grid[torch.randint(0, len(self.grid), (n,), generator=gen)], info)
         use_cfg = bool(torch.rand((), generator=gen) < self.lo.cfg_probability)
         lo, hi = self.lo.cfg_range
-        scale = shard(lo + (hi - lo) * torch.rand(n, generator=gen), info).to(b.x0.device) if use_cfg else None
+        scale = to_device(shard(lo + (hi - lo) * torch.rand(n, generator=gen), info), b.x0.device) if use_cfg else None
         x_t = self.sched.add_noise(b.x0, b.noise, t)
         x_end = self.teacher_two_steps(x_t, t, b.cond, b.uncond, scale)
         target = self.student_target(x_t.float(), t, x_end.float())
-        tt = t.to(x_t.device)
+        tt = to_device(t, x_t.device)
         if use_cfg:
             out = self.forward_model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([b.uncond, b.cond]), return_dict=False)[0]
             u, c = out.float().chunk(2)
@@ -107,12 +108,12 @@ class StepDistillObjective:
         if use_cfg and self.lo.cfg_normalise:
             distill = distill / scale.float() ** 2
         total = distill
-        parts = {"distill": distill.mean(), "cfg": torch.tensor(float(use_cfg), device=distill.device)}
+        parts = {"distill": distill.mean(), "cfg": float(use_cfg)}
         if self.lo.original_weight > 0:
             orig = per_sample_mse(cond_pred, self.sched.target(b.x0, b.noise, t))
             total = total + self.lo.original_weight * orig
             parts["original"] = orig.mean()
-        return total.mean(), {k: v.detach() for k, v in parts.items()}
+        return total.mean(), {k: v.detach() if torch.is_tensor(v) else v for k, v in parts.items()}
 
 
 def loss_summary(history: list[dict], frac: float = 0.1) -> dict:

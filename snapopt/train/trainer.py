@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from snapopt.errors import UsageError
+from snapopt.train import accel, dist, logs
 from snapopt.train import checkpoint as ckpt
-from snapopt.train import dist, logs
 from snapopt.train.ema import EMA
 from snapopt.train.options import TrainOptions
 from snapopt.train.schedule import lr_at
@@ -62,6 +62,9 @@ def autocast_for(device: torch.device, mode: str):
     return nullcontext()
 
 
+#: options a resumed run may change: how fast or how often, not what is trained
+_NOT_THE_JOB = {"progress", "steps", "checkpoint_every", "compile", "fused_optimizer", "cudnn_benchmark", "channels_last", "parallel"}
+
 #: logged values stay on the device for at most this many steps (one host sync per flush, not per step)
 _FLUSH_EVERY = 50
 
@@ -73,31 +76,39 @@ class _PendingLog:
 
     def __init__(self, name: str, info: dist.DistInfo, device: torch.device, history: list, bar):
         self.name, self.info, self.device, self.history, self.bar = name, info, device, history, bar
-        self.rows: list[tuple[int, float, list[str], torch.Tensor]] = []
+        self.rows: list[tuple] = []
         self.window_steps = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def add(self, step: int, lr: float, loss: torch.Tensor, parts: dict[str, Any]) -> None:
-        vals = [torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(()) for v in (loss.detach(), *parts.values())]
-        self.rows.append((step, lr, ["loss", *parts], torch.stack(vals)))
+        # device tensors are stacked where they are; Python numbers stay on the host (a scalar copied to the
+        # GPU from pageable memory would wait for the queue to drain, which is the stall this class avoids)
+        items = {"loss": loss.detach(), **parts}
+        on_dev = [k for k, v in items.items() if torch.is_tensor(v)]
+        host = {k: float(v) for k, v in items.items() if not torch.is_tensor(v)}
+        vals = torch.stack([items[k].to(torch.float32).reshape(()) for k in on_dev])
+        self.rows.append((step, lr, list(items), on_dev, host, vals))
 
     def flush(self, t_window: float) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if not self.rows:
             return
-        flat = torch.cat([r[3] for r in self.rows]).double()
+        flat = torch.cat([r[5] for r in self.rows]).double()
         if self.info.enabled:
+            if flat.device != self.device:  # host-side scalars only: the backend needs them on its device
+                flat = flat.to(self.device)
             torch.distributed.all_reduce(flat)
             flat /= self.info.world
         values = flat.tolist()
         seconds = (time.perf_counter() - t_window) / max(self.window_steps, 1)
         i = 0
-        for step, lr, keys, t in self.rows:
-            row = dict(zip(keys, values[i:i + len(keys)]))
-            i += len(keys)
+        for step, lr, keys, on_dev, host, _ in self.rows:
+            measured = dict(zip(on_dev, values[i:i + len(on_dev)]))
+            i += len(on_dev)
+            row = {k: measured[k] if k in measured else host[k] for k in keys}
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"{self.name}: loss is {row['loss']} at step {step}")
             self.history.append({"step": step, "lr": lr, **row, "seconds": round(seconds, 4)})
@@ -123,6 +134,9 @@ class Trainer:
         o, info = self.o, self.info
         module = self.obj.trainable()
         module.train()
+        accel.configure_backends(o, self.device)
+        if o.channels_last:
+            module.to(memory_format=torch.channels_last)
         if o.gradient_checkpointing:
             if not hasattr(module, "enable_gradient_checkpointing"):
                 raise UsageError(f"{self.obj.name}: gradient_checkpointing is not supported by {type(module).__name__}")
@@ -130,7 +144,7 @@ class Trainer:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise UsageError(f"{self.obj.name}: nothing to train (no parameter requires grad)")
-        opt = torch.optim.AdamW(params, lr=o.optim.lr, betas=o.optim.betas, eps=o.optim.eps, weight_decay=o.optim.weight_decay)
+        opt = accel.adamw(params, o, self.device)
         ema = EMA(module, o.ema) if o.ema > 0 else None
 
         start, resumed_from, history = 0, None, []
@@ -153,6 +167,9 @@ class Trainer:
 
             unused = o.find_unused_parameters if o.find_unused_parameters is not None else getattr(self.obj, "skips_blocks", False)
             forward = DDP(module, device_ids=[self.device] if self.device.type == "cuda" else None, find_unused_parameters=unused)
+        self.compiled = o.compile is not None and o.compile.student and not getattr(self.obj, "skips_blocks", False)
+        if self.compiled:  # random block skipping changes the graph every step: it stays eager
+            forward = accel.maybe_compile(forward, o.compile, "student")
         self.obj.forward_model = forward
 
         bar = None
@@ -169,6 +186,7 @@ class Trainer:
             lr = lr_at(step, o.steps, o.optim)
             for g in opt.param_groups:
                 g["lr"] = lr
+            accel.step_begin(o.compile)
             with autocast_for(self.device, o.mixed_precision):
                 loss, parts = self.obj.loss(step, info)
             loss.backward()
@@ -203,13 +221,16 @@ class Trainer:
             plot = logs.plot(self.out_dir / "losses.png", history, self.title)
         if ema is not None and o.use_ema and stop == o.steps:
             ema.copy_to(module)
+        if o.channels_last:
+            module.to(memory_format=torch.contiguous_format)
+        self.obj.forward_model = module  # evaluations after training run the plain module
         ips = (timed_steps * o.batch / timed) if timed > 0 else None
         return TrainResult(history=history, steps=stop - start, seconds=time.perf_counter() - t_run, images_per_second=ips,
                            resumed_from=resumed_from, plot=plot)
 
     # ------------------------------------------------------------------------------------------------
     def _job_id(self) -> dict[str, Any]:
-        return {"objective": self.obj.name, "options": self.o.model_dump(mode="json", exclude={"progress", "steps", "checkpoint_every"})}
+        return {"objective": self.obj.name, "options": self.o.model_dump(mode="json", exclude=_NOT_THE_JOB)}
 
     def _check_same_job(self, meta: dict[str, Any]) -> None:
         mine = json.loads(json.dumps(self._job_id()))

@@ -1,0 +1,73 @@
+"""Wall time of recipes/snapfusion-train.yaml end to end, per stage, on whatever GPU runs it.
+
+Runs ``snapopt apply RECIPE --out RUN`` as a new user would, then reads the run's report.json: each pass's
+seconds, the run's stage timings (load, passes, quality, save, exports) and each training pass's own
+training seconds and images/s. Writes one JSON (default bench/results/snapfusion_chain_<card>.json).
+
+    python bench/snapfusion_chain.py --out runs/chain
+    python bench/snapfusion_chain.py --report-only runs/chain   # re-read a finished run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def summarise(run: Path) -> dict:
+    report = json.loads((run / "report.json").read_text())
+    rows = []
+    for rec in report.get("passes", []):
+        row = {"pass": rec["pass"], "seconds": rec.get("seconds")}
+        stats = (rec.get("stats") or {}) if isinstance(rec.get("stats"), dict) else {}
+        for k in ("seconds", "images_per_second", "steps"):
+            if k in stats:
+                row[f"train_{k}"] = stats[k]
+        rows.append(row)
+    return {"run": str(run), "total_seconds": report.get("seconds"), "passes": rows,
+            "stages": report.get("timings") or report.get("stages"), "quality": report.get("quality")}
+
+
+def card() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "snapfusion-train.yaml"))
+    ap.add_argument("--out", type=Path, default=Path("runs/chain"))
+    ap.add_argument("--report-only", type=Path, default=None, help="summarise an existing run folder")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    wall = None
+    run = args.report_only or args.out
+    if args.report_only is None:
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-c", "from snapopt.cli import main; main()", "apply", args.recipe, "--out", str(args.out)]
+        rc = subprocess.call(cmd)
+        wall = round(time.perf_counter() - t0, 1)
+        if rc:
+            sys.exit(f"snapopt apply exited {rc} after {wall} s")
+    res = {"device": card(), "recipe": args.recipe, "wall_seconds": wall, **summarise(run)}
+    name = res["device"].replace("NVIDIA ", "").split()[0].lower()
+    out = args.json or ROOT / "bench" / "results" / f"snapfusion_chain_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str))
+    for r in res["passes"]:
+        print(f"{r['pass']:26s} {r['seconds']:>8} s   train {r.get('train_seconds', '-')} s  {r.get('train_images_per_second', '-')} img/s")
+    print(f"total {res['total_seconds']} s (wall {wall} s); wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
