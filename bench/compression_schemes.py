@@ -27,6 +27,9 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, default=8)
     ap.add_argument("--eval-steps", type=int, default=25)
     ap.add_argument("--probe-prompts", type=int, default=2, help="prompts of the PSNR probe (x 3 timesteps)")
+    ap.add_argument("--schemes", default="fp16,int8,palettize8,palettize6,palettize4,mixed,w8a8",
+                    help="subset to run (mixed runs every --mixed average)")
+    ap.add_argument("--sensitivity-from", default=None, help="reuse the sensitivity table of an earlier run's JSON")
     ap.add_argument("--packages", action="store_true", help="also lower each scheme's UNet to Core ML and measure the package")
     ap.add_argument("--out", default=str(ROOT / "bench/results/compression_schemes_zoo.json"))
     args = ap.parse_args()
@@ -48,12 +51,20 @@ def main() -> None:
     graph = block_graph(pipe, "unet", shapes)
     probe = cmp.UnetProbe.prepare(pipe, latent=shapes.latent(pipe), prompts=args.probe_prompts)
     t0 = time.perf_counter()
-    sens = cmp.sensitivity(pipe.unet, probe, progress=say)
+    if args.sensitivity_from:
+        j = json.loads(Path(args.sensitivity_from).read_text())["sensitivity"]
+        sens = cmp.Sensitivity({n: {int(b): float(v) for b, v in d.items()} for n, d in j["psnr_db"].items()}, j["sizes"],
+                               j.get("fixed_layers", {}), j.get("seconds", 0.0))
+        say(f"sensitivity from {args.sensitivity_from}")
+    else:
+        sens = cmp.sensitivity(pipe.unet, probe, progress=say)
     say(f"sensitivity: {len(sens.psnr)} layers x {len(cmp.NBITS)} widths in {sens.seconds:.0f} s")
     plans = [{"scheme": "fp16", "bits": 16}, {"scheme": "int8", "bits": 8}]
     plans += [{"scheme": "palettize", "bits": b, "group_size": 0} for b in (8, 6, 4)]
     plans += [{"scheme": "mixed", "bits": float(b)} for b in args.mixed.split(",")]
     plans += [{"scheme": "w8a8", "bits": 8}]
+    wanted = set(args.schemes.split(","))
+    plans = [p for p in plans if p["scheme"] in wanted or f"{p['scheme']}{p['bits']:g}" in wanted]
     rows, evals = [], {}
     for plan in plans:
         plan = {**plan, "quality": "eval" if args.eval_prompts else "psnr", "eval_prompts": max(2, args.eval_prompts),
