@@ -125,6 +125,7 @@ class Trainer:
         self.info = info or dist.DistInfo()
         self.device = device or torch.device("cpu")
         self.title = title or objective.name
+        self.fsdp = False  # set by run(): train.parallel fsdp under torchrun
         if options.batch % self.info.world:
             raise UsageError(f"batch {options.batch} does not split evenly over {self.info.world} processes")
 
@@ -144,10 +145,11 @@ class Trainer:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise UsageError(f"{self.obj.name}: nothing to train (no parameter requires grad)")
-        opt = accel.adamw(params, o, self.device)
-        ema = EMA(module, o.ema) if o.ema > 0 else None
+        self.fsdp = info.enabled and o.parallel == "fsdp"
+        if self.fsdp and getattr(self.obj, "skips_blocks", False):
+            raise UsageError(f"{self.obj.name}: parallel: fsdp does not support random block skipping (robust training); use ddp")
 
-        start, resumed_from, history = 0, None, []
+        start, resumed_from, history, state = 0, None, [], None
         ck_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
         if resume:
             found = ckpt.latest(ck_root) if ck_root is not None else None
@@ -155,14 +157,29 @@ class Trainer:
                 state = ckpt.read(found)
                 self._check_same_job(state["meta"])
                 module.load_state_dict(state["model"], strict=True)
-                opt.load_state_dict(state["optimizer"])
-                if ema is not None and state["ema"] is not None:
-                    ema.load_state_dict(state["ema"])
                 start = resumed_from = state["meta"]["step"]
                 history = logs.read_csv(self.out_dir / "losses.csv", before_step=start)
 
-        forward = module
-        if info.enabled:
+        trained = module  # what the optimizer steps: the module itself, or its FSDP-sharded copy
+        if self.fsdp:
+            from snapopt.train import fsdp
+
+            trained = fsdp.shard_copy(module, self.device)
+            params = [p for p in trained.parameters() if p.requires_grad]
+        opt = accel.adamw(params, o, self.device)
+        ema = None
+        if o.ema > 0:
+            ema = fsdp.ShardedEMA(trained, o.ema) if self.fsdp else EMA(module, o.ema)
+        if state is not None:
+            if self.fsdp:
+                fsdp.load_optimizer_state(trained, opt, state["optimizer"])
+            else:
+                opt.load_state_dict(state["optimizer"])
+            if ema is not None and state["ema"] is not None:
+                ema.load_state_dict(state["ema"])
+
+        forward = trained
+        if info.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             unused = o.find_unused_parameters if o.find_unused_parameters is not None else getattr(self.obj, "skips_blocks", False)
@@ -195,7 +212,7 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.update(module, step)
+                ema.update(trained, step)
             if step % o.log_every == 0 or step == o.steps - 1:
                 log.add(step, lr, loss, parts)
             done = step + 1
@@ -210,7 +227,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if save:
-                self._save(ck_root, done, module, opt, ema, history)
+                self._save(ck_root, done, trained, opt, ema, history)
                 t_window = time.perf_counter()  # saving is not training time
         if bar is not None:
             bar.close()
@@ -220,7 +237,9 @@ class Trainer:
             logs.write_csv(self.out_dir / "losses.csv", history)
             plot = logs.plot(self.out_dir / "losses.png", history, self.title)
         if ema is not None and o.use_ema and stop == o.steps:
-            ema.copy_to(module)
+            ema.copy_to(trained)
+        if self.fsdp:  # the trained weights, gathered, back into the plain module
+            module.load_state_dict(fsdp.full_model_state(trained))
         if o.channels_last:
             module.to(memory_format=torch.contiguous_format)
         self.obj.forward_model = module  # evaluations after training run the plain module
@@ -239,10 +258,16 @@ class Trainer:
                              "use a new output folder or the same spec")
 
     def _save(self, root: Path, done: int, module, opt, ema, history) -> None:
+        if self.fsdp:  # gathering is a collective: every rank takes part, rank 0 writes
+            from snapopt.train import fsdp
+
+            model, optim, ema_sd = fsdp.full_model_state(module), fsdp.full_optimizer_state(module, opt), ema.state_dict() if ema else None
         if self.info.main:
+            if not self.fsdp:
+                model, optim, ema_sd = module.state_dict(), opt.state_dict(), ema.state_dict() if ema else None
             # the log first: a checkpoint must never cover steps whose losses are not on disk (a resume keeps
             # the log's rows before the checkpoint's step and appends from there)
             logs.write_csv(self.out_dir / "losses.csv", history)
-            ckpt.write(root, done, model=module.state_dict(), optimizer=opt.state_dict(), ema=ema.state_dict() if ema else None,
+            ckpt.write(root, done, model=model, optimizer=optim, ema=ema_sd,
                        meta={"job": self._job_id()}, shard_mb=self.o.shard_mb, keep=self.o.keep_checkpoints)
         dist.barrier(self.info)
