@@ -4,6 +4,7 @@ runs train the same thing; this checks that the loss curves agree and measures t
 
     python bench/ddp_scaling.py snapopt/train/specs/recover-bk-sdm-small-snapshapes.yaml --gpus 2 --steps 400 --batch 512
     python bench/ddp_scaling.py SPEC --gpus 2 --steps 4 --batch 4 --cpu      # gloo on CPU (smoke test)
+    python bench/ddp_scaling.py snapopt/train/specs/recover-bk-sdm-small-sd15.yaml --gpus 2 --steps 40 --batch 64 --parallel fsdp
 
 Writes ``<out>/ddp_scaling.json`` (images/s each way, the speed-up, loss agreement) and ``ddp_scaling.png``
 (both loss curves and their relative difference). Evaluations are switched off and no model is saved:
@@ -26,11 +27,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def training_spec(spec: Path, batch: int | None) -> dict:
-    """The spec with evaluations, checkpoints, progress bars and the saved model switched off."""
+def training_spec(spec: Path, batch: int | None, parallel: str = "ddp") -> dict:
+    """The spec with evaluations, checkpoints, progress bars and the saved model switched off;
+    ``parallel``: how the K-process run splits the work (ddp, or fsdp: FSDP2 sharding)."""
     s = yaml.safe_load(spec.read_text())
     opts = s.setdefault("options", {})
-    opts.setdefault("train", {}).update(checkpoint_every=0, progress=False)
+    opts.setdefault("train", {}).update(checkpoint_every=0, progress=False, parallel=parallel)
     if batch:
         opts["train"]["batch"] = batch
     if "zoo_eval_prompts" in opts:
@@ -102,10 +104,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=None, help="global batch (default: the spec's)")
     ap.add_argument("--cpu", action="store_true", help="gloo processes on CPU instead of GPUs")
+    ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="the K-process run: DDP or FSDP2 (train.parallel)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ddp_scaling")
     args = ap.parse_args()
 
-    spec = training_spec(args.spec, args.batch)
+    spec = training_spec(args.spec, args.batch, args.parallel)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         spec_file = tmp / "spec.yaml"
@@ -116,7 +119,7 @@ def main() -> None:
     import torch
 
     result = {"spec": str(args.spec), "job": spec["job"], "steps": args.steps, "global_batch": spec["options"]["train"]["batch"],
-              "gpus": args.gpus, "device": "cpu (gloo)" if args.cpu else torch.cuda.get_device_name(0),
+              "gpus": args.gpus, "parallel": args.parallel, "device": "cpu (gloo)" if args.cpu else torch.cuda.get_device_name(0),
               "images_per_second": {"1": ips1, str(args.gpus): ipsk},
               "speedup": round(ipsk / ips1, 3) if ips1 and ipsk else None,
               "scaling_efficiency": round(ipsk / ips1 / args.gpus, 3) if ips1 and ipsk else None,
