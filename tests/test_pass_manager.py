@@ -203,3 +203,23 @@ def test_loaded_model_checks_for_run_apply(tiny, tiny_shapes):
     assert exc.value.exit_code == 2
     with pytest.raises(ModelRefError, match="component 'vae_decoder' output 0 has non-finite values at the recipe's shapes"):
         check_pipeline_outputs(tiny, tiny_shapes)
+
+
+def test_fingerprint_ignores_replaced_equal_buffers_and_catches_changed_ones():
+    """``Module.to`` replaces buffers (a teacher moved to a GPU and back): same values are no change;
+    a new value, or a parameter written in place, is."""
+    import torch
+
+    from snapopt.core.pass_manager import _fingerprint
+
+    m = torch.nn.Linear(3, 2)
+    m.register_buffer("position_ids", torch.arange(7)[None])
+    before = _fingerprint(m)
+    m.position_ids = m.position_ids.clone()  # what .to(device) and back does to a buffer
+    assert _fingerprint(m) == before
+    m.position_ids = m.position_ids + 1
+    assert _fingerprint(m) != before
+    again = _fingerprint(m)
+    with torch.no_grad():
+        m.weight.mul_(2)
+    assert _fingerprint(m) != again

@@ -189,9 +189,22 @@ class PassManager:
 
 
 def _fingerprint(module) -> tuple:
-    """Identity and in-place version of every parameter and buffer: changes when a module is written to
-    (``mul_``, ``copy_``, optimizer steps) or restructured, not when it is only run or moved between devices."""
+    """What a pass may not change behind the manager's back: every parameter by identity and in-place version
+    (``mul_``, ``copy_``, optimizer steps bump it), every buffer by value. Buffers are compared by value because
+    ``Module.to`` replaces them with new tensors, so a module moved to a GPU and back (a training pass running its
+    teacher there) has new buffer ids and unchanged contents; buffers are small (position ids, norm statistics)."""
     if module is None:
         return ()
-    tensors = list(module.named_parameters()) + list(module.named_buffers())
-    return tuple((name, id(t), t._version) for name, t in tensors)
+    params = tuple((name, id(t), t._version) for name, t in module.named_parameters())
+    buffers = tuple((name, tuple(t.shape), str(t.dtype), _content(t)) for name, t in module.named_buffers())
+    return params + buffers
+
+
+def _content(t) -> int:
+    import hashlib
+
+    import torch
+
+    data = t.detach().cpu().contiguous()
+    return int.from_bytes(hashlib.blake2b(data.view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"",
+                                          digest_size=8).digest(), "little")
