@@ -189,6 +189,8 @@ def run_step_distill(teacher, program, o: StepDistillJob, out_dir: Path | None, 
 
 def _train_stats(result: TrainResult) -> dict[str, Any]:
     first, last = (result.history[0] if result.history else {}), result.final
-    return {"steps": result.steps, "seconds": round(result.seconds, 2),
+    # a resumed pass trained ``resumed_from`` steps in an earlier process: the report counts them all
+    return {"steps": result.steps + (result.resumed_from or 0), "steps_this_run": result.steps,
+            "seconds": round(result.seconds, 2),
             "images_per_second": round(result.images_per_second, 2) if result.images_per_second else None,
             "loss_first": first.get("loss"), "loss_last": last.get("loss"), "resumed_from": result.resumed_from}
