@@ -52,7 +52,7 @@ def test_cli_spec_runs_and_resumes(tmp_path):
     with pytest.raises(UsageError, match="not empty; pass --resume"):
         run_spec(spec, out)
     again = run_spec(spec, out, resume=True, steps=3)
-    assert again["resumed_from"] == 2 and again["steps"] == 1
+    assert again["resumed_from"] == 2 and again["steps"] == 3 and again["steps_this_run"] == 1
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model": "arch:tiny", "job": "recover", "options": {"train": {"batch": 0}}}))
     with pytest.raises(UsageError, match=r"bad.json: options.train.batch: Input should be greater than or equal to 1"):
