@@ -129,8 +129,9 @@ def test_mixed_widths_and_w8a8_land_in_the_core_ml_program():
     assert set(names) == {"conv", "lin", "out"}
     with _silenced():
         mixed = cmp.palettize_mixed(model, m, {"conv": 2, "lin": 4, "out": 16}, min_params=256)
-    luts = [op for op in _ops(mixed) if op.type == "constexpr_lut_to_dense"]
-    assert len(luts) == 2, [op.type for op in _ops(mixed)]  # 'out' stays fp16
+    luts = {tuple(op.outputs[0].shape): op.lut.val.size for op in mixed._mil_program.functions["main"].operations
+            if op.op_type == "constexpr_lut_to_dense"}
+    assert luts == {(32, 8, 3, 3): 4, (64, 32): 16}, luts  # conv 2-bit, lin 4-bit, 'out' stays fp16
     scales = cmp.calibrate_activations(m, [(x,)], min_params=256)
     assert scales["conv"] == pytest.approx(float(x.abs().max()) / 127, rel=1e-6)
     with _silenced():
