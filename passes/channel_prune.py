@@ -67,6 +67,8 @@ class ReconstructOptions(BaseModel):
         "where the latents come from: encoded zoo scenes, N(0, 1), or teacher samples (see train data.source)"))
     positions: int = Field(1024, ge=1, le=1 << 20, description="output positions sampled per latent and layer")
     ridge: float = Field(1e-4, ge=0, le=1e3, allow_inf_nan=False, description="ridge, relative to the mean input energy")
+    residual: bool = Field(True, description=(
+        "fit each residual branch's last layer to the teacher block's output minus the student's skip"))
     seed: int = Field(1, description="calibration seed (held-out latents for the reported PSNR use seed + 1)")
 
 
@@ -392,7 +394,8 @@ def _reconstruct(root: nn.Module, calib: dict, groups: list[ChannelGroup], keep:
         if dim == 0 and name.endswith(".weight") and drop:
             size = teacher.get_parameter(name).shape[0]
             rows[name[: -len(".weight")]] = torch.tensor([i for i in range(size) if i not in drop], dtype=torch.long)
-    layers = reconstruct(root, teacher, calib["latents"], rows, positions=o.positions, ridge=o.ridge, seed=o.seed)
+    layers = reconstruct(root, teacher, calib["latents"], rows, positions=o.positions, ridge=o.ridge, seed=o.seed,
+                         residual=o.residual)
     with torch.no_grad():
         after = psnr(root(held), ref)
     return {"layers": len(layers), "latents": int(calib["latents"].shape[0]), "psnr_before_db": round(before, 2),

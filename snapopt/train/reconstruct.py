@@ -31,13 +31,16 @@ def refittable(m: nn.Module) -> bool:
 
 @torch.no_grad()
 def reconstruct(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, rows: dict[str, torch.Tensor] | None = None, *,
-                layers: list[str] | None = None, positions: int = 1024, ridge: float = 1e-4, seed: int = 0) -> dict:
+                layers: list[str] | None = None, positions: int = 1024, ridge: float = 1e-4, seed: int = 0,
+                residual: bool = True) -> dict:
     """Refit ``student``'s layers in place to reproduce ``teacher``'s layer outputs on ``inputs``.
 
     ``rows``: layer path → the teacher output rows that layer kept (absent: all rows; paths are shared by
     student and teacher, as channel pruning keeps them). ``layers``: which layers to refit (default: every
     refittable layer whose input width changed). ``positions``: output positions (pixels or tokens) sampled per
-    input. Returns per-layer relative residuals before and after the fit.
+    input. ``residual``: fit the last layer of each residual branch to the teacher block's output minus the
+    student's skip (default), not to the teacher layer's own output. Returns per-layer relative residuals
+    before and after the fit.
     """
     if positions < 1:
         raise UsageError(f"reconstruct: positions must be at least 1, got {positions}")
@@ -61,6 +64,12 @@ def reconstruct(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, ro
     gen = torch.Generator().manual_seed(seed)
     picks: dict[str, torch.Tensor] = {}
     targets: dict[str, torch.Tensor] = {}
+    skips = _residual_branches(s_mods, layers) if residual else {}  # branch-ending layer -> its block
+    block_targets: dict[str, torch.Tensor] = {}
+
+    def kept(path, y):
+        r = rows.get(path)
+        return y if r is None else y[..., r.to(y.device)]
 
     def record(path):
         def hook(mod, args, out):
@@ -68,12 +77,16 @@ def reconstruct(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, ro
             if path not in picks:
                 n = flat.shape[1]
                 picks[path] = torch.randperm(n, generator=gen)[:positions].sort().values if n > positions else torch.arange(n)
-            y = flat[:, picks[path]]
-            r = rows.get(path)
-            targets[path] = (y if r is None else y[..., r.to(y.device)]).double()
+            targets[path] = kept(path, flat[:, picks[path]]).double()
+        return hook
+
+    def record_block(layer):
+        def hook(mod, args, out):  # runs after the branch's last layer recorded its picks
+            block_targets[layer] = kept(layer, _flat_nchw(out)[:, picks[layer]]).double() * _skip_scale(mod)
         return hook
 
     handles = [t_mods[p].register_forward_hook(record(p)) for p in layers]
+    handles += [t_mods[b].register_forward_hook(record_block(layer)) for layer, b in skips.items()]
     try:
         teacher(inputs)
     finally:
@@ -81,32 +94,84 @@ def reconstruct(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, ro
             h.remove()
 
     stats: dict[str, dict] = {}
+    block_inputs: dict[str, torch.Tensor] = {}
+
+    def fit(path, mod, x, y):
+        feats = _features(mod, x, picks[path])  # (N * P, K), with a bias column where the layer has a bias
+        y = y.reshape(-1, y.shape[-1]).to(feats.device)
+        before = _rel(feats @ _weight_matrix(mod).to(feats), y)
+        gram = feats.T @ feats
+        k = gram.shape[0]
+        n_w = k - (mod.bias is not None)
+        lam = ridge * gram.diagonal()[:n_w].mean().clamp_min(1e-12)
+        reg = torch.eye(k, dtype=gram.dtype, device=gram.device) * lam
+        reg[n_w:, n_w:] = 0  # the bias is not shrunk
+        sol = torch.linalg.solve(gram + reg, feats.T @ y)
+        _set_weight_matrix(mod, sol)
+        stats[path] = {"rel_err_before": before, "rel_err_after": _rel(feats @ sol, y), "samples": int(feats.shape[0])}
 
     def refit(path):
         def hook(mod, args):
-            x = args[0]
-            feats = _features(mod, x, picks[path])  # (N * P, K) incl. the bias column
-            y = targets[path].reshape(-1, targets[path].shape[-1]).to(feats.device)
-            w_old = _weight_matrix(mod).to(feats)
-            before = _rel(feats @ w_old, y)
-            gram = feats.T @ feats
-            k = gram.shape[0]
-            n_w = k - (mod.bias is not None)
-            lam = ridge * gram.diagonal()[:n_w].mean().clamp_min(1e-12)
-            reg = torch.eye(k, dtype=gram.dtype, device=gram.device) * lam
-            reg[n_w:, n_w:] = 0  # the bias is not shrunk
-            sol = torch.linalg.solve(gram + reg, feats.T @ y)
-            _set_weight_matrix(mod, sol)
-            stats[path] = {"rel_err_before": before, "rel_err_after": _rel(feats @ sol, y), "samples": int(feats.shape[0])}
+            if path in stats:  # a shortcut already refitted by its block
+                return
+            y = targets[path]
+            if path in skips:  # the branch supplies what the student's own skip path misses
+                block = s_mods[skips[path]]
+                skip = _skip(block, block_inputs[skips[path]])
+                y = block_targets[path] - _flat_nchw(skip)[:, picks[path]].double()
+            fit(path, mod, args[0], y)
+        return hook
+
+    def enter_block(bpath):
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))
+            block_inputs[bpath] = x
+            sc = f"{bpath}.conv_shortcut"
+            if getattr(mod, "conv_shortcut", None) is not None and sc in layers and sc not in stats:
+                fit(sc, mod.conv_shortcut, x, targets[sc])  # before the branch's conv2 needs the shortcut
         return hook
 
     handles = [s_mods[p].register_forward_pre_hook(refit(p)) for p in layers]
+    handles += [s_mods[b].register_forward_pre_hook(enter_block(b), with_kwargs=True) for b in set(skips.values())]
     try:
         student(inputs)
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+def _residual_branches(mods: dict[str, nn.Module], layers: list[str]) -> dict[str, str]:
+    """Layers that end a residual branch (diffusers' ResnetBlock2D conv2, a residual Attention's to_out.0) →
+    their block. Such a layer is fitted to the teacher block's output minus the student's own skip, so the
+    residual stream's error is corrected where it arises instead of carried to the end."""
+    out = {}
+    for path, m in mods.items():
+        kind = type(m).__name__
+        if kind == "ResnetBlock2D" and not (getattr(m, "up", False) or getattr(m, "down", False)):
+            branch = f"{path}.conv2"
+        elif kind == "Attention" and getattr(m, "residual_connection", False):
+            branch = f"{path}.to_out.0"
+        else:
+            continue
+        if branch in layers:
+            out[branch] = path
+    return out
+
+
+def _skip(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if type(block).__name__ == "ResnetBlock2D" and block.conv_shortcut is not None:
+        return block.conv_shortcut(x)
+    return x
+
+
+def _skip_scale(block: nn.Module) -> float:
+    """The block returns (skip + branch) / this."""
+    return float(getattr(block, "output_scale_factor", None) or getattr(block, "rescale_output_factor", 1.0))
+
+
+def _flat_nchw(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(2).transpose(1, 2) if t.dim() == 4 else t.reshape(t.shape[0], -1, t.shape[-1])
 
 
 def _in_width(m: nn.Module) -> int:
