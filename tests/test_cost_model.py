@@ -191,3 +191,17 @@ def test_committed_crossval_meets_the_target():
     assert s["rows"] >= 100 and s["median_abs_error_pct"] <= 10 and s["max_abs_error_pct"] <= 25
     for kind, k in cv["summary"]["by fold kind, sole era evidence apart"].items():
         assert k["median_abs_error_pct"] <= 10 and k["max_abs_error_pct"] <= 25, kind
+
+
+def test_w8a8_is_faster_only_where_the_neural_engine_computes_int8(tiny_unet):
+    """A17 Pro quotes int8 TOPS: W8A8 convolutions run at twice the fp16 rate there; an A16 dequantizes, so its
+    W8A8 price equals int8 weights'."""
+    from snapopt.devices.report import component_table
+    from snapopt.lowering.schemes import retarget
+
+    graph = tiny_unet[2]
+    for tid, faster in (("iphone-15-pro", True), ("iphone-14-pro", False)):
+        t = TARGETS.resolve(tid)
+        w8 = component_table(graph, retarget(t, 8)).total_ms
+        w8a8 = component_table(graph, retarget(t, 8, 8)).total_ms
+        assert (w8a8 < w8) if faster else w8a8 == pytest.approx(w8, rel=1e-9), (tid, w8, w8a8)

@@ -327,6 +327,9 @@ class CostModel:
         prof = target.profile
         self.attention = prof.attention
         self.weight_bytes_per_param = (16 if prof.weight_bits >= 16 else prof.weight_bits) / 8
+        # W8A8: int8 convolutions/matmuls at the chip's int8 rate (2x fp16) with int8 activations in and out; on a chip
+        # whose Neural Engine has no int8 path the runtime dequantizes and computes fp16, so nothing changes
+        self.int8_compute = prof.activation_bits == 8 and target.device.chip.ane_tops_precision == "int8"
         self.primary, self.fallback = {"CPU_AND_NE": ("ane", "cpu"), "ALL": ("ane", "gpu"),
                                        "CPU_AND_GPU": ("gpu", "cpu"), "CPU_ONLY": ("cpu", "cpu")}[prof.compute_units]
 
@@ -376,11 +379,12 @@ class CostModel:
         mac_eff = np.array([1.0, c["gpu_eff"], c["cpu_eff"]])[unit]
         kind = a.kind
         eff = np.where(on_ane, np.where(kind == 0, c["ane_eff_conv"], c["ane_eff_linear"]), mac_eff)
-        compute = np.where(kind <= 1, 2.0 * a.macs / (peak * eff), 0.0)
+        int8 = on_ane & (kind <= 1) if self.int8_compute else np.zeros(len(kind), dtype=bool)
+        compute = np.where(kind <= 1, 2.0 * a.macs / (peak * eff * np.where(int8, 2.0, 1.0)), 0.0)
         vec_rate = np.where(on_ane, peak * c["vector_ratio"], peak * mac_eff)
         compute = np.where(kind == 3, a.vector_ops / vec_rate, compute)
         dram = a.weight_params * self.weight_bytes_per_param if stream_weights else np.zeros(len(kind))
-        act = a.in_bytes + a.out_bytes
+        act = (a.in_bytes + a.out_bytes) * np.where(int8, 0.5, 1.0)
         dram = dram + np.where((kind == 3) & on_ane & a.fused_on_ane, 0.0, self.spill(act))
         # attention, as the profile's implementation runs it
         att = kind == 2

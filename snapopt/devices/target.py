@@ -47,7 +47,8 @@ class DeploymentProfile(_Strict):
     attention: Literal["original", "split_einsum", "split_einsum_v2", "sdpa"] = Field(
         "split_einsum", description="attention form on device; split_einsum_v2 also chunks the query sequence (Apple's SPLIT_EINSUM_V2)")
     weight_bits: int = Field(16, description="16 (fp16) or palettization bits 1-8")
-    activation_bits: Literal[16] = 16
+    activation_bits: Literal[8, 16] = Field(16, description="8: W8A8 (int8 activations); the Neural Engine computes "
+                                                         "int8 at twice the fp16 rate only where the chip's TOPS are int8 (A17 Pro+)")
     compute_units: Literal["CPU_AND_NE", "ALL", "CPU_AND_GPU", "CPU_ONLY"] = "CPU_AND_NE"
     era: str | None = Field(None, description="runtime era whose fitted factor prices this deployment (see "
                                               "docs/cost-model.md: snapfusion, 2022-11, 2023-02, 2023-06, 2023-08); default the latest")

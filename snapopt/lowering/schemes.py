@@ -44,16 +44,17 @@ def prepare_scheme(pipe, shapes: Shapes, comp: dict[str, Any], folder: Path | No
     return comp
 
 
-def retarget(target, bits: float):
-    """``target`` with its profile's weights at ``bits`` (fractional for a mixed scheme's average): how the
-    cost model prices a compression scheme, through its public profile field."""
-    return target.model_copy(update={"profile": target.profile.model_copy(update={"weight_bits": bits})})
+def retarget(target, bits: float, activation_bits: int = 16):
+    """``target`` with its profile's weights at ``bits`` (fractional for a mixed scheme's average) and activations
+    at ``activation_bits``: how the cost model prices a compression scheme, through its public profile fields."""
+    update = {"weight_bits": bits, "activation_bits": activation_bits}
+    return target.model_copy(update={"profile": target.profile.model_copy(update=update)})
 
 
-def unet_latency_ms(graph, targets, bits: float) -> dict[str, float]:
+def unet_latency_ms(graph, targets, bits: float, activation_bits: int = 16) -> dict[str, float]:
     from snapopt.devices.report import component_table
 
-    return {t.id: round(component_table(graph, retarget(t, bits)).total_ms, 3) for t in targets}
+    return {t.id: round(component_table(graph, retarget(t, bits, activation_bits)).total_ms, 3) for t in targets}
 
 
 def measure(pipe, comp: dict[str, Any], probe: cmp.UnetProbe, graph, targets, *, package_mb: dict[str, float] | None = None,
@@ -62,10 +63,12 @@ def measure(pipe, comp: dict[str, Any], probe: cmp.UnetProbe, graph, targets, *,
     sim = cmp.simulate(pipe.unet, comp, comp.get("act_scales"))
     bits = cmp.stored_bits(pipe.unet, comp)
     res = cmp.SchemeResult(scheme=label(comp), bits=round(bits, 3), psnr_db=round(probe.psnr(sim), 2),
-                           latency_ms=unet_latency_ms(graph, targets, bits) if graph is not None else {})
+                           latency_ms=unet_latency_ms(graph, targets, bits, 8 if comp["scheme"] == "w8a8" else 16)
+                           if graph is not None else {})
     res.package_mb = package_mb if package_mb is not None else predicted_mb(pipe, bits)
     if comp["scheme"] == "w8a8":
-        res.notes.append("latency priced at int8 weights only: the cost model has no int8-activation compute rate")
+        res.notes.append("latency priced with int8 convolutions/matmuls at the chip's int8 rate where its Neural Engine has one "
+                         "(A17 Pro+), else as int8 weights")
     if comp.get("quality") == "eval":
         from snapopt.quality import snapshapes_model
 
