@@ -13,16 +13,17 @@ from .vocabulary import BOS, EOS, MAX_LENGTH, build_vocab
 TEXT_WIDTH = 128
 LATENT_SIZE = 16
 
-# SD-v1.5's noise schedule (PNDM/DDIM family, scaled_linear betas); see docs/zoo.md for epsilon.
+# SD-v1.5's noise schedule (scaled_linear betas); see docs/zoo.md for epsilon. Shipped as DDIM, not SD-v1.5's PNDM:
+# PNDM's 3rd/4th-order PLMS steps are unstable on this model at guidance 7.5 (16 held-out prompts, 25 steps:
+# PNDM 17.8% attributes, order <= 2 87.8%, DDIM 88.9%, DPM-Solver++ 2M 90.0%).
 SCHEDULER = {
-    "_class_name": "PNDMScheduler",
+    "_class_name": "DDIMScheduler",
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "num_train_timesteps": 1000,
     "prediction_type": "epsilon",
     "set_alpha_to_one": False,
-    "skip_prk_steps": True,
     "steps_offset": 1,
     "clip_sample": False,
     "trained_betas": None,

@@ -25,7 +25,7 @@ def _strip(state: dict, prefix: str) -> dict:
 
 
 def export_pipeline(workdir: Path, out: Path) -> None:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     text = architectures.build_text_encoder()
@@ -38,7 +38,7 @@ def export_pipeline(workdir: Path, out: Path) -> None:
     tok_dir = out / "tokenizer"
     write_tokenizer_files(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    sched = PNDMScheduler.from_config({k: v for k, v in architectures.SCHEDULER.items() if not k.startswith("_")})
+    sched = DDIMScheduler.from_config({k: v for k, v in architectures.SCHEDULER.items() if not k.startswith("_")})
     pipe = StableDiffusionPipeline(
         vae=vae.half(), text_encoder=text.half(), tokenizer=tokenizer, unet=unet.half(), scheduler=sched,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
