@@ -125,8 +125,10 @@ def test_signals_during_apply_exit_cleanly_and_leave_nothing(sig, code, last, tm
     """SIGINT / SIGTERM to a real run while it works: one line, 130 / 143, no run folder, no temporary folder."""
     recipe = _recipe(tmp_path, passes=[{"pass": "channel_prune", "options": {"component": "unet", "ratio": 0.5}}])
     out = tmp_path / "runs" / "run"
+    # a test run started in the background by a non-interactive shell inherits SIGINT ignored, and Python keeps an
+    # inherited SIG_IGN (a shell's background job is not meant to see Ctrl-C): give the child the default action
     proc = subprocess.Popen([*CLI, "apply", str(recipe), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=tmp_path, env=ENV)
+                            text=True, cwd=tmp_path, env=ENV, preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     seen = []
     deadline = time.time() + 240
     for line in proc.stderr:  # progress lines "[snapopt] <stage>" when stderr is not a terminal
