@@ -475,13 +475,28 @@ def _sync_attributes(root: nn.Module, keep: dict[str, np.ndarray], groups: list[
             m.inner_dim = pin.out_channels if isinstance(pin, nn.Conv2d) else pin.out_features
             m.out_channels = m.in_channels
             blocks = list(m.transformer_blocks)
-            if blocks:
-                m.num_attention_heads = blocks[0].attn1.heads
-                m.attention_head_dim = blocks[0].attn1.inner_dim // blocks[0].attn1.heads
+            ref = _block_attention(blocks[0]) if blocks else None
+            if ref is not None:
+                m.num_attention_heads = ref.heads
+                m.attention_head_dim = ref.inner_dim // ref.heads
         elif kind == "BasicTransformerBlock":
-            m.dim = m.attn1.query_dim
-            m.num_attention_heads = m.attn1.heads
-            m.attention_head_dim = m.attn1.inner_dim // m.attn1.heads
+            ref = _block_attention(m)
+            if ref is not None:
+                m.dim = ref.query_dim
+                m.num_attention_heads = ref.heads
+                m.attention_head_dim = ref.inner_dim // ref.heads
+
+
+def _block_attention(block):
+    """The attention whose width describes a transformer block: its self-attention, or its cross-attention where
+    remove_self_attention left a NullAttention in attn1."""
+    from diffusers.models.attention_processor import Attention
+
+    for name in ("attn1", "attn2"):
+        a = getattr(block, name, None)
+        if isinstance(a, Attention):
+            return a
+    return None
 
 
 def _heads_left(keep: dict[str, np.ndarray], groups: list[ChannelGroup], dg: DependencyGraph) -> dict[str, int]:

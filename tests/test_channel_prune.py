@@ -197,3 +197,17 @@ def test_whole_groupnorm_groups_keep_statistics_exact_and_reload(tiny, tiny_shap
     assert {m.num_groups for m in again.vae.decoder.modules() if isinstance(m, nn.GroupNorm)} == {2}
     with torch.no_grad():
         assert torch.equal(again.vae.decoder(z), image)
+
+
+def test_prunes_after_self_attention_was_removed(tiny, tiny_shapes):
+    """A transformer block whose attn1 is remove_self_attention's NullAttention takes its width from attn2."""
+    from snapopt.passes.attention_structure import RemoveSelfAttention
+
+    ctx = PassContext(shapes=tiny_shapes)
+    passes = [RemoveSelfAttention({"resolutions": [8]}), ChannelPrune({"component": "unet", "ratio": 0.5})]
+    out, records = PassManager(passes, ctx, verify=False).run(tiny)
+    assert [r.modified for r in records] == [True, True]
+    block = next(m for m in out.unet.modules() if type(m).__name__ == "BasicTransformerBlock" and not hasattr(m.attn1, "heads"))
+    assert block.dim == block.attn2.query_dim and block.num_attention_heads == block.attn2.heads
+    y = run_component(out, "unet", tiny_shapes).tensors[0]
+    assert y.shape == (2, 4, 8, 8) and torch.isfinite(y).all()
