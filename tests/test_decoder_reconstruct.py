@@ -20,25 +20,36 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _duplicate_half(layer: nn.Module) -> None:
+    """Make the second half of ``layer``'s outputs repeat the first: dropping them loses no information, but the
+    next layer's weights on them must be folded onto the kept ones."""
+    half = layer.weight.shape[0] // 2
+    with torch.no_grad():
+        layer.weight[half:] = layer.weight[:half]
+        layer.bias[half:] = layer.bias[:half]
+
+
 def _duplicated_teacher() -> nn.Sequential:
-    """conv -> SiLU -> conv -> SiLU -> 1x1 conv, where the first conv's channels 4-7 repeat channels 0-3: dropping
-    them loses no information, but the next conv's weights on them must be folded onto the kept ones."""
+    """conv -> SiLU -> conv -> SiLU -> 1x1 conv, the first conv's channels 4-7 repeating channels 0-3."""
     torch.manual_seed(0)
     t = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 6, 3, stride=2, padding=1), nn.SiLU(),
                       nn.Conv2d(6, 2, 1, bias=False))
-    with torch.no_grad():
-        t[0].weight[4:] = t[0].weight[:4]
-        t[0].bias[4:] = t[0].bias[:4]
+    _duplicate_half(t[0])
     return t.double()
 
 
 def _slice_student(t: nn.Sequential) -> nn.Sequential:
+    """``t`` with layer 0's first half of outputs kept and layer 2's matching inputs (conv or linear)."""
     s = copy.deepcopy(t)
+    keep = t[0].weight.shape[0] // 2
     with torch.no_grad():
-        s[0].weight = nn.Parameter(t[0].weight[:4].clone())
-        s[0].bias = nn.Parameter(t[0].bias[:4].clone())
-        s[2].weight = nn.Parameter(t[2].weight[:, :4].clone())
-    s[0].out_channels = s[2].in_channels = 4
+        s[0].weight = nn.Parameter(t[0].weight[:keep].clone())
+        s[0].bias = nn.Parameter(t[0].bias[:keep].clone())
+        s[2].weight = nn.Parameter(t[2].weight[:, :keep].clone())
+    if isinstance(s[0], nn.Linear):
+        s[0].out_features = s[2].in_features = keep
+    else:
+        s[0].out_channels = s[2].in_channels = keep
     return s
 
 
@@ -59,15 +70,8 @@ def test_exactly_representable_conv_case_recovers_the_teacher():
 def test_linear_layers_and_subsampled_positions():
     torch.manual_seed(1)
     teacher = nn.Sequential(nn.Linear(5, 6), nn.SiLU(), nn.Linear(6, 3)).double()
-    with torch.no_grad():
-        teacher[0].weight[3:] = teacher[0].weight[:3]
-        teacher[0].bias[3:] = teacher[0].bias[:3]
-    student = copy.deepcopy(teacher)
-    with torch.no_grad():
-        student[0].weight = nn.Parameter(teacher[0].weight[:3].clone())
-        student[0].bias = nn.Parameter(teacher[0].bias[:3].clone())
-        student[2].weight = nn.Parameter(teacher[2].weight[:, :3].clone())
-    student[0].out_features = student[2].in_features = 3
+    _duplicate_half(teacher[0])
+    student = _slice_student(teacher)
     x = torch.randn(2, 20, 5, dtype=torch.double)  # (N, tokens, features), as attention's projections see them
     reconstruct(student, teacher, x, {"0": torch.arange(3)}, positions=8, ridge=0.0)  # 16 rows for 4 unknowns
     with torch.no_grad():

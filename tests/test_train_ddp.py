@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 
 import torch
 import torch.multiprocessing as mp
@@ -41,10 +42,12 @@ def load_start_weights() -> dict:
     return {k: v.clone() for k, v in load_model("arch:tiny", seed=0).unet.state_dict().items()}
 
 
-def _worker(rank: int, world: int, port: int, out_path: str):
+@contextmanager
+def gloo_rank(rank: int, world: int, port: int):
+    """One spawned process as rank ``rank`` of ``world`` (torchrun's environment), its process group torn down after."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
-        _job(out_path)
+        yield
     finally:
         import torch.distributed as tdist
 
@@ -52,15 +55,20 @@ def _worker(rank: int, world: int, port: int, out_path: str):
             tdist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def _worker(rank: int, world: int, port: int, out_path: str):
+    with gloo_rank(rank, world, port):
+        _job(out_path)
+
+
 def test_ddp_two_processes_match_one(tmp_path):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     ddp_losses, ddp_weights = torch.load(out, weights_only=True)
     n = torch.get_num_threads()
     try:

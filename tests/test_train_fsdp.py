@@ -3,13 +3,10 @@ global batch: losses, the EMA weights handed back to the plain module, and the g
 
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
 import torch.multiprocessing as mp
 
-from test_train_ddp import load_start_weights
+from test_train_ddp import free_port, gloo_rank, load_start_weights
 
 
 def _job(out_path: str | None, parallel: str, ck_dir: str | None):
@@ -39,27 +36,15 @@ def _job(out_path: str | None, parallel: str, ck_dir: str | None):
 
 
 def _worker(rank: int, world: int, port: int, out_path: str, ck_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    try:
+    with gloo_rank(rank, world, port):
         _job(out_path, "fsdp", ck_dir)
-    finally:
-        import torch.distributed as tdist
-
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_fsdp_two_processes_match_one(tmp_path):
     from snapopt.train import checkpoint as ckpt
 
     out = tmp_path / "fsdp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out), str(tmp_path / "fsdp_run")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out), str(tmp_path / "fsdp_run")), nprocs=2, join=True)
     fsdp_losses, fsdp_weights = torch.load(out, weights_only=True)
     n = torch.get_num_threads()
     try:
