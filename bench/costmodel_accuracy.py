@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def main() -> None:
             from snapopt.devices.plot import plot_tables
 
             plot_tables(tables[:5], args.plot, title="SD-v1.5 UNet 512² batch 2 (CFG), snapfusion-fp16 profile")
-    result = {"csv": args.csv, "calibration_fit_s": round(fit_s, 2), "refit": refit, "shipped_targets": shipped,
+    result = {"csv": os.path.relpath(args.csv, ROOT), "calibration_fit_s": round(fit_s, 2), "refit": refit, "shipped_targets": shipped,
               "leave_one_out": loo, "unet_predictions_ms": predictions, "speed": speed}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

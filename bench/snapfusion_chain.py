@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ def main():
         wall = round(time.perf_counter() - t0, 1)
         if rc:
             sys.exit(f"snapopt apply exited {rc} after {wall} s")
-    res = {"device": card(), "recipe": args.recipe, "wall_seconds": wall, **summarise(run)}
+    res = {"device": card(), "recipe": os.path.relpath(args.recipe, ROOT), "wall_seconds": wall, **summarise(run)}
     name = res["device"].replace("NVIDIA ", "").split()[0].lower()
     out = args.json or ROOT / "bench" / "results" / f"snapfusion_chain_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
