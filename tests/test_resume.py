@@ -176,7 +176,7 @@ def test_leftover_work_folder_needs_resume_and_the_same_recipe(tmp_path, capsys,
     recipe, out = _recipe(tmp_path), tmp_path / "runs" / "run"
     work = work_folder(out)
     (work / ".resume").mkdir(parents=True)
-    from snapopt.run import recipe_fingerprint
+    from snapopt.work_folder import recipe_fingerprint
 
     journal = {"format": 1, **recipe_fingerprint(load_recipe(recipe)), "passes": [], "components": {}}
     (work / ".resume" / "journal.json").write_text(json.dumps(journal))
