@@ -81,6 +81,9 @@ class TrainOptions(_Opts):
                             "would make every forward, made once); the pipeline's own teacher is never changed")
     channels_last: bool = Field(False, description="channels-last memory format for student and teacher (convolution-heavy UNets)")
     cudnn_benchmark: bool | None = Field(None, description="let cuDNN time its convolution algorithms; default: on CUDA")
+    cuda_graphs: bool | None = Field(None, description="capture the whole training step (forward, backward, optimizer) as one "
+                                                       "CUDA graph and replay it: no per-kernel host launches, no compilation; "
+                                                       "needs a fixed architecture and static shapes; default: off")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp (replicated) or fsdp (FSDP2 fully_shard "
                                                                  "per UNet block: parameters, gradients and optimizer state sharded)")
 
