@@ -6,8 +6,8 @@ runs train the same thing; this checks that the loss curves agree and measures t
     python bench/ddp_scaling.py SPEC --gpus 2 --steps 4 --batch 4 --cpu      # gloo on CPU (smoke test)
     python bench/ddp_scaling.py snapopt/train/specs/recover-bk-sdm-small-sd15.yaml --gpus 2 --steps 40 --batch 64 --parallel fsdp
 
-Writes ``<out>/ddp_scaling.json`` (images/s each way, the speed-up, loss agreement) and ``ddp_scaling.png``
-(both loss curves and their relative difference). Evaluations are switched off and no model is saved:
+Writes ``<out>/ddp_scaling.json`` (images/s each way, the speed-up, loss agreement, each rank's peak GPU
+memory) and ``ddp_scaling.png`` (both loss curves and their relative difference). Evaluations are switched off and no model is saved:
 only the training loop is compared.
 """
 
@@ -43,9 +43,30 @@ def training_spec(spec: Path, batch: int | None, parallel: str = "ddp") -> dict:
     return s
 
 
+def worker(spec_file: Path, out: Path, steps: int, device: str) -> None:
+    """One rank of a measured run: the training CLI's job, then this rank's peak GPU memory next to it
+    (``peak_mem_rank<r>.json``; the trainer's stats do not record memory)."""
+    import torch
+
+    from snapopt.train.cli import run_spec
+
+    run_spec(spec_file, out, steps=steps, device=device)
+    import torch.distributed as tdist
+
+    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    if torch.cuda.is_available() and device == "cuda":
+        peak = {"rank": rank, "max_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
+                "max_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 3)}
+        (out / f"peak_mem_rank{rank}.json").write_text(json.dumps(peak))
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def run(spec_file: Path, out: Path, gpus: int, steps: int, cpu: bool) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    train = ["-m", "snapopt.train", str(spec_file), "--out", str(out), "--steps", str(steps), "--device", "cpu" if cpu else "cuda"]
+    train = [str(Path(__file__).resolve()), "--worker", str(spec_file), "--out", str(out), "--steps", str(steps)]
+    if cpu:
+        train.append("--cpu")
     if gpus == 1:
         cmd = [sys.executable, *train]
         if not cpu:
@@ -57,7 +78,8 @@ def run(spec_file: Path, out: Path, gpus: int, steps: int, cpu: bool) -> dict:
     result = json.loads((out / "result.json").read_text())
     with open(out / "losses.csv", newline="") as f:
         rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
-    return {"stats": result["stats"], "losses": rows}
+    peaks = [json.loads(f.read_text()) for f in sorted(out.glob("peak_mem_rank*.json"))]
+    return {"stats": result["stats"], "losses": rows, "peak_mem": peaks}
 
 
 def compare(one: list[dict], many: list[dict]) -> dict:
@@ -70,7 +92,7 @@ def compare(one: list[dict], many: list[dict]) -> dict:
             "loss_last": [pairs[-1][0], pairs[-1][1]]}
 
 
-def plot(path: Path, one: list[dict], many: list[dict], gpus: int, title: str) -> None:
+def plot(path: Path, one: list[dict], many: list[dict], gpus: int, title: str, parallel: str = "ddp") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +102,7 @@ def plot(path: Path, one: list[dict], many: list[dict], gpus: int, title: str) -
     s1, l1 = [r["step"] for r in one], [r["loss"] for r in one]
     sk, lk = [r["step"] for r in many], [r["loss"] for r in many]
     a.plot(s1, l1, label="1 GPU", lw=1.4)
-    a.plot(sk, lk, label=f"{gpus} GPUs (DDP)", lw=1.0, ls="--")
+    a.plot(sk, lk, label=f"{gpus} GPUs ({parallel.upper()})", lw=1.0, ls="--")
     a.set_yscale("log")
     a.set_ylabel("loss")
     a.set_title(title)
@@ -106,7 +128,10 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="gloo processes on CPU instead of GPUs")
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="the K-process run: DDP or FSDP2 (train.parallel)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ddp_scaling")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one rank of a measured run
     args = ap.parse_args()
+    if args.worker:
+        return worker(args.spec, args.out, args.steps, "cpu" if args.cpu else "cuda")
 
     spec = training_spec(args.spec, args.batch, args.parallel)
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,13 +149,14 @@ def main() -> None:
               "speedup": round(ipsk / ips1, 3) if ips1 and ipsk else None,
               "scaling_efficiency": round(ipsk / ips1 / args.gpus, 3) if ips1 and ipsk else None,
               "seconds": {"1": one["stats"]["seconds"], str(args.gpus): many["stats"]["seconds"]},
-              "loss_agreement": compare(one["losses"], many["losses"])}
+              "loss_agreement": compare(one["losses"], many["losses"]),
+              "peak_mem": {"1": one["peak_mem"], str(args.gpus): many["peak_mem"]}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ddp_scaling.json").write_text(json.dumps(result, indent=1))
     (args.out / "losses_1.csv").write_text("step,loss\n" + "".join(f"{int(r['step'])},{r['loss']}\n" for r in one["losses"]))
     (args.out / f"losses_{args.gpus}.csv").write_text("step,loss\n" + "".join(f"{int(r['step'])},{r['loss']}\n" for r in many["losses"]))
     plot(args.out / "ddp_scaling.png", one["losses"], many["losses"], args.gpus,
-         f"{spec['job']}: 1 vs {args.gpus} GPUs, global batch {result['global_batch']}")
+         f"{spec['job']}: 1 vs {args.gpus} GPUs ({args.parallel}), global batch {result['global_batch']}", args.parallel)
     print(json.dumps(result, indent=1))
 
 

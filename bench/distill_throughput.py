@@ -7,7 +7,12 @@ with different speed options, from the same start weights:
 * ``eager``: the loop as it was: foreach AdamW, fp32 teacher under autocast, cuDNN heuristics
 * ``fast``: the defaults now: fused AdamW, a bf16 teacher copy, cuDNN autotuning, no pageable host copies
 * ``fast+channels_last``, ``fast+compile`` (Inductor), ``fast+compile-ro`` (Inductor + CUDA graphs),
+  ``fast+compile-autotune`` (Inductor ``max-autotune-no-cudagraphs``: Triton GEMM/conv templates timed
+  against cuBLAS/cuDNN), ``fast+compile-max-autotune`` (``max-autotune``: that plus CUDA graphs),
   ``fast+cudagraphs`` (CUDA graphs without Inductor): ``--configs`` picks
+
+``--batch`` takes a comma list (``32,64,96``): every configuration runs at every batch, in one process
+and from the same start weights, so the rows compare; a batch that does not fit is recorded as such.
 
 Per configuration: images/s (steady state, after a warm-up run that pays for compilation), MFU, peak memory,
 warm-up seconds, and the first steps' losses against ``eager``'s (numerics unchanged). FLOPs per image:
@@ -16,6 +21,7 @@ snapopt.capture.block_graph at the training resolution (with the attention matmu
 dense bf16 peak.
 
     python bench/distill_throughput.py --batch 32                      # SD-v1.5 scale, on the GPU
+    python bench/distill_throughput.py --batch 32,64 --configs eager,fast+compile,fast+compile-autotune
     python bench/distill_throughput.py --teacher zoo:snapshapes --batch 512 --configs eager,fast,fast+compile-ro
     python bench/distill_throughput.py --tiny --steps 2 --batch 2 --configs eager,fast   # CPU smoke test
 """
@@ -97,6 +103,7 @@ CONFIGS = {
     "fast+compile+channels_last": dict(compile={"mode": "default"}, channels_last=True),
     "fast+compile-ro": dict(compile={"mode": "reduce-overhead"}),
     "fast+compile-autotune": dict(compile={"mode": "max-autotune-no-cudagraphs"}),
+    "fast+compile-max-autotune": dict(compile={"mode": "max-autotune"}),
     "fast+cudagraphs": dict(compile={"backend": "cudagraphs"}),
 }
 
@@ -107,7 +114,7 @@ def main():
     ap.add_argument("--teacher", default="arch:sd-v1.5", help="teacher model (arch:, zoo:, folder); default full-size SD-v1.5")
     ap.add_argument("--steps", type=int, default=15, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=3, help="steps run first (compilation, CUDA-graph recording, autotuning)")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", default="32", help="batch size, or a comma list of them (each configuration at each)")
     ap.add_argument("--configs", default="eager,fast,fast+channels_last,fast+compile", help=f"comma list of {', '.join(CONFIGS)}")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--plain", action="store_true", help="also the hand-written plain loops (fp32, bf16)")
@@ -116,6 +123,12 @@ def main():
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown config {unknown[0]}; choose from {', '.join(CONFIGS)}")
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        ap.error(f"--batch: expected integers separated by commas, got {args.batch!r}")
+    if any(b < 1 for b in batches):
+        ap.error("--batch: every batch must be at least 1")
 
     from snapopt.models import load_model
     from snapopt.passes.remove_blocks import RemoveBlocks
@@ -139,7 +152,7 @@ def main():
     start = {k: v.clone() for k, v in student.unet.state_dict().items()}
     peak = peak_flops(device)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "teacher": ref,
-               "student": "bk-sdm-small (recipes/bk-sdm-small.yaml)", "resolution": resolution, "batch": args.batch,
+               "student": "bk-sdm-small (recipes/bk-sdm-small.yaml)", "resolution": resolution, "batch": batches if len(batches) > 1 else batches[0],
                "steps": args.steps, "warmup_steps": args.warmup, "teacher_gmacs": mac_t / 1e9, "student_gmacs": mac_s / 1e9,
                "student_params": sum(p.numel() for p in student.unet.parameters()),
                "flops_per_image_student_fwd_bwd": 6 * mac_s, "flops_per_image_with_teacher_fwd": flops_per_image,
@@ -157,18 +170,21 @@ def main():
 
     tag = "tiny" if args.tiny else ("" if ref == "arch:sd-v1.5" else ref.replace(":", "_").replace("/", "_"))
     card = results["device"].replace("NVIDIA ", "").split()[0].lower()
-    out = args.out or ROOT / "bench" / "results" / f"distill_throughput{'_' + tag if tag else ''}_b{args.batch}_{card}.json"
+    bname = "-".join(map(str, batches))
+    out = args.out or ROOT / "bench" / "results" / f"distill_throughput{'_' + tag if tag else ''}_b{bname}_{card}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    ref_losses = None
-    for name in args.configs.split(","):
+    ref_losses = {}
+    for batch, name in [(b, c) for b in batches for c in args.configs.split(",")]:
+        key = name if len(batches) == 1 else f"{name}@b{batch}"
         student.unet.load_state_dict(start)
         torch._dynamo.reset()
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = False  # sticky across configurations: each sets what it uses
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        o = TrainOptions(steps=args.warmup, batch=args.batch, progress=False, ema=0.9999, device=str(device),
+        o = TrainOptions(steps=args.warmup, batch=batch, progress=False, ema=0.9999, device=str(device),
                          gradient_checkpointing=args.gradient_checkpointing, optim=dict(lr=1e-5), **CONFIGS[name])
+        obj = None
         try:
             obj = RecoverObjective(teacher, student.unet, o, RecoverLoss(), device=device)
             t0 = time.perf_counter()
@@ -180,24 +196,30 @@ def main():
             res = Trainer(obj, o2, None, device=device).run()
             obj.close()
         except torch.cuda.OutOfMemoryError as exc:  # the largest batch is part of what is measured
-            results["runs"][name] = {"error": f"out of memory: {str(exc)[:200]}"}
-            print(f"{name:28s} out of memory", flush=True)
+            results["runs"][key] = {"batch": batch, "error": f"out of memory: {str(exc)[:200]}"}
+            print(f"{key:28s} out of memory", flush=True)
+            if obj is not None:
+                obj.close()  # its feature hooks on the shared teacher go with it
+            del obj
+            torch.cuda.empty_cache()
             continue
         losses = [r["loss"] for r in warm.history]
-        extra = {"warmup_seconds": round(warm_s, 2), "losses": losses}
+        extra = {"batch": batch, "warmup_seconds": round(warm_s, 2), "losses": losses}
         if device.type == "cuda":
             extra["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        if ref_losses is None:
-            ref_losses = losses
+        if batch not in ref_losses:  # the first configuration at this batch is the reference (same data)
+            ref_losses[batch] = losses
         else:
-            extra["loss_rel_diff_vs_first"] = round(max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)), 6)
-        record(name, res.images_per_second, **extra)
+            extra["loss_rel_diff_vs_first"] = round(max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses[batch])), 6)
+        record(key, res.images_per_second, **extra)
         out.write_text(json.dumps(results, indent=1))  # after each: a run cut short keeps what it measured
     student.unet.load_state_dict(start)
     if args.plain:
-        record("plain_eager_fp32", plain_loop(teacher.unet, student.unet, args.batch, args.steps, device, bf16=False))
-        if device.type == "cuda":
-            record("plain_eager_bf16", plain_loop(teacher.unet, student.unet, args.batch, args.steps, device, bf16=True))
+        for batch in batches:
+            sfx = "" if len(batches) == 1 else f"@b{batch}"
+            record("plain_eager_fp32" + sfx, plain_loop(teacher.unet, student.unet, batch, args.steps, device, bf16=False))
+            if device.type == "cuda":
+                record("plain_eager_bf16" + sfx, plain_loop(teacher.unet, student.unet, batch, args.steps, device, bf16=True))
 
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
