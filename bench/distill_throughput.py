@@ -13,6 +13,8 @@ with different speed options, from the same start weights:
 
 ``--batch`` takes a comma list (``32,64,96``): every configuration runs at every batch, in one process
 and from the same start weights, so the rows compare; a batch that does not fit is recorded as such.
+``NAME@B`` in ``--configs`` runs that configuration at batch B only, in the order given (so the costly
+compiles can go last, and a run cut short keeps what it measured).
 
 Per configuration: images/s (steady state, after a warm-up run that pays for compilation), MFU, peak memory,
 warm-up seconds, and the first steps' losses against ``eager``'s (numerics unchanged). FLOPs per image:
@@ -22,6 +24,7 @@ dense bf16 peak.
 
     python bench/distill_throughput.py --batch 32                      # SD-v1.5 scale, on the GPU
     python bench/distill_throughput.py --batch 32,64 --configs eager,fast+compile,fast+compile-autotune
+    python bench/distill_throughput.py --configs eager@64,fast+compile@64,fast+compile-autotune@64,fast+compile@32
     python bench/distill_throughput.py --teacher zoo:snapshapes --batch 512 --configs eager,fast,fast+compile-ro
     python bench/distill_throughput.py --tiny --steps 2 --batch 2 --configs eager,fast   # CPU smoke test
 """
@@ -120,15 +123,21 @@ def main():
     ap.add_argument("--plain", action="store_true", help="also the hand-written plain loops (fp32, bf16)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
-    if unknown:
-        ap.error(f"unknown config {unknown[0]}; choose from {', '.join(CONFIGS)}")
     try:
         batches = [int(b) for b in args.batch.split(",")]
+        if "@" in args.configs:  # (batch, configuration), in run order
+            plan = [(int(c.partition("@")[2]) if "@" in c else b, c.partition("@")[0])
+                    for c in args.configs.split(",") for b in ([0] if "@" in c else batches)]
+        else:
+            plan = [(b, c) for b in batches for c in args.configs.split(",")]
     except ValueError:
-        ap.error(f"--batch: expected integers separated by commas, got {args.batch!r}")
-    if any(b < 1 for b in batches):
+        ap.error(f"--batch / --configs NAME@B: expected integer batches, got {args.batch!r} / {args.configs!r}")
+    unknown = [c for _, c in plan if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown config {unknown[0]}; choose from {', '.join(CONFIGS)}")
+    if any(b < 1 for b, _ in plan):
         ap.error("--batch: every batch must be at least 1")
+    batches = list(dict.fromkeys(b for b, _ in plan))
 
     from snapopt.models import load_model
     from snapopt.passes.remove_blocks import RemoveBlocks
@@ -174,7 +183,7 @@ def main():
     out = args.out or ROOT / "bench" / "results" / f"distill_throughput{'_' + tag if tag else ''}_b{bname}_{card}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     ref_losses = {}
-    for batch, name in [(b, c) for b in batches for c in args.configs.split(",")]:
+    for batch, name in plan:
         key = name if len(batches) == 1 else f"{name}@b{batch}"
         student.unet.load_state_dict(start)
         torch._dynamo.reset()
