@@ -34,11 +34,50 @@ def configure_backends(o: TrainOptions, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def adamw(params, o: TrainOptions, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel on CUDA (``fused_optimizer``); same update rule as the foreach one."""
+def adamw(params, o: TrainOptions, device: torch.device, *, capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel on CUDA (``fused_optimizer``); same update rule as the foreach one.
+
+    ``capturable`` (CUDA graphs): the step count stays on the device and the LR is a device tensor the loop
+    refills (``fill_``) each step, since a replayed graph cannot take a new Python number."""
     fused = o.fused_optimizer if o.fused_optimizer is not None else device.type == "cuda"
     kw: dict[str, Any] = {"fused": True} if fused and device.type == "cuda" else {}
-    return torch.optim.AdamW(params, lr=o.optim.lr, betas=o.optim.betas, eps=o.optim.eps, weight_decay=o.optim.weight_decay, **kw)
+    lr: float | torch.Tensor = o.optim.lr
+    if capturable:
+        if device.type != "cuda":
+            raise ValueError("a capturable optimizer needs a CUDA device")
+        kw["capturable"] = True
+        lr = torch.tensor(o.optim.lr, dtype=torch.float32, device=device)
+    return torch.optim.AdamW(params, lr=lr, betas=o.optim.betas, eps=o.optim.eps, weight_decay=o.optim.weight_decay, **kw)
+
+
+#: optimizer settings that belong to this run's speed options, not to the checkpoint it resumes from
+_RUN_KEYS = ("lr", "fused", "foreach", "capturable")
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``opt.load_state_dict(state)``, keeping this run's fused/capturable flags and LR object: a resumed run
+    may change speed options, and a checkpoint would otherwise bring its own (a float LR into a captured
+    graph's LR tensor, or a step count on the wrong device)."""
+    mine = [{k: g[k] for k in _RUN_KEYS if k in g} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for g, keep in zip(opt.param_groups, mine):
+        loaded_lr = g["lr"]
+        g.update(keep)
+        if torch.is_tensor(g["lr"]):
+            with torch.no_grad():
+                g["lr"].fill_(float(loaded_lr))
+        on_device = bool(g.get("capturable") or g.get("fused"))
+        for p in g["params"]:
+            st = opt.state.get(p, {})
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``opt.state_dict()`` with a tensor LR as a float (checkpoints keep param_groups as JSON)."""
+    sd = opt.state_dict()
+    sd["param_groups"] = [{**g, "lr": float(g["lr"])} if torch.is_tensor(g.get("lr")) else g for g in sd["param_groups"]]
+    return sd
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -20,13 +20,24 @@ class EMA:
         return min(self.decay, (1 + step) / (10 + step))
 
     def update(self, module: nn.Module, step: int) -> None:
-        # one fused call over all tensors: a per-tensor loop is hundreds of kernel launches per step
+        self.lerp_(module, 1 - self.decay_at(step))
+
+    @torch.no_grad()
+    def lerp_(self, module: nn.Module, weight: float | torch.Tensor) -> None:
+        """shadow += weight * (live - shadow). ``weight`` may be a 0-d device tensor the host refills each
+        step: a captured CUDA graph (snapopt.train.graphs) cannot take a new Python number per replay."""
+        # fused calls over all tensors: a per-tensor loop is hundreds of kernel launches per step
         pairs = [(self.shadow[n], p.detach()) for n, p in module.named_parameters() if n in self.shadow]
         if not pairs:
             return
         shadow, live = zip(*pairs)
-        live = [t if t.dtype == torch.float32 else t.float() for t in live]
-        torch._foreach_lerp_(list(shadow), live, 1 - self.decay_at(step))
+        shadow, live = list(shadow), [t if t.dtype == torch.float32 else t.float() for t in live]
+        if torch.is_tensor(weight):  # foreach lerp takes a Python scalar or per-tensor weights, not one tensor
+            diff = torch._foreach_sub(live, shadow)
+            torch._foreach_mul_(diff, weight)
+            torch._foreach_add_(shadow, diff)
+        else:
+            torch._foreach_lerp_(shadow, live, weight)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:

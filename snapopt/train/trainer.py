@@ -4,12 +4,15 @@ checkpoints with exact resume, CSV/PNG loss logs and a progress bar.
 What is learned is up to an :class:`Objective`: it names the module to train and returns the loss of a
 step. The loop never draws random numbers itself; objectives draw from the step's seeded generator, so
 ``N`` straight steps and ``N/2`` + resume + ``N/2`` give bit-identical weights on CPU.
+
+With ``cuda_graphs`` the step runs from static buffers as one replayed CUDA graph (snapopt.train.graphs).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from snapopt.errors import UsageError
-from snapopt.train import accel, dist, logs
+from snapopt.train import accel, dist, graphs, logs
 from snapopt.train import checkpoint as ckpt
 from snapopt.train.ema import EMA
 from snapopt.train.options import TrainOptions
@@ -54,16 +57,18 @@ class TrainResult:
         return self.history[-1] if self.history else {}
 
 
-def autocast_for(device: torch.device, mode: str):
+def autocast_for(device: torch.device, mode: str, cache: bool = True):
+    """``cache=False`` inside CUDA-graph capture: cached weight casts would outlive the captured step."""
     if mode == "auto":
         mode = "bf16" if device.type == "cuda" else "no"
     if mode == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return nullcontext()
 
 
 #: options a resumed run may change: how fast or how often, not what is trained
-_NOT_THE_JOB = {"progress", "steps", "checkpoint_every", "compile", "fused_optimizer", "cudnn_benchmark", "channels_last", "parallel"}
+_NOT_THE_JOB = {"progress", "steps", "checkpoint_every", "compile", "fused_optimizer", "cudnn_benchmark", "channels_last", "parallel",
+                "cuda_graphs"}
 
 #: logged values stay on the device for at most this many steps (one host sync per flush, not per step)
 _FLUSH_EVERY = 50
@@ -126,6 +131,7 @@ class Trainer:
         self.device = device or torch.device("cpu")
         self.title = title or objective.name
         self.fsdp = False  # set by run(): train.parallel fsdp under torchrun
+        self.notes: list[str] = []  # one line each, for the job's report
         if options.batch % self.info.world:
             raise UsageError(f"batch {options.batch} does not split evenly over {self.info.world} processes")
 
@@ -133,8 +139,12 @@ class Trainer:
     def run(self, *, resume: bool = False, until: int | None = None) -> TrainResult:
         """Train to ``options.steps``. ``until`` stops early *without* a final checkpoint (a simulated kill)."""
         o, info = self.o, self.info
+        self.notes = []
         module = self.obj.trainable()
         module.train()
+        graphed = bool(o.cuda_graphs)
+        if graphed:  # before anything is built: one line for what a captured step cannot hold
+            graphs.refuse_incompatible(self.obj, o, info)
         accel.configure_backends(o, self.device)
         if o.channels_last:
             module.to(memory_format=torch.channels_last)
@@ -166,7 +176,7 @@ class Trainer:
 
             trained = fsdp.shard_copy(module, self.device)
             params = [p for p in trained.parameters() if p.requires_grad]
-        opt = accel.adamw(params, o, self.device)
+        opt = accel.adamw(params, o, self.device, capturable=graphed and self.device.type == "cuda")
         ema = None
         if o.ema > 0:
             ema = fsdp.ShardedEMA(trained, o.ema) if self.fsdp else EMA(module, o.ema)
@@ -174,7 +184,7 @@ class Trainer:
             if self.fsdp:
                 fsdp.load_optimizer_state(trained, opt, state["optimizer"])
             else:
-                opt.load_state_dict(state["optimizer"])
+                accel.load_optimizer_state(opt, state["optimizer"])
             if ema is not None and state["ema"] is not None:
                 ema.load_state_dict(state["ema"])
 
@@ -188,6 +198,15 @@ class Trainer:
         if self.compiled:  # random block skipping changes the graph every step: it stays eager
             forward = accel.maybe_compile(forward, o.compile, "student")
         self.obj.forward_model = forward
+        runner = None
+        if graphed:
+            runner = graphs.GraphedStep(self.obj, o, module=module, params=params, opt=opt, ema=ema, device=self.device,
+                                        info=info, autocast=lambda cache: autocast_for(self.device, o.mixed_precision, cache))
+            if self.device.type != "cuda":
+                self.notes.append(f"cuda_graphs: no CUDA device ({self.device}), so the step runs from static buffers "
+                                  "without capture (same training, no speed-up)")
+                if info.main:
+                    print(f"note: {self.obj.name}: {self.notes[-1]}", file=sys.stderr, flush=True)
 
         bar = None
         if o.progress and info.main and start < o.steps:
@@ -201,18 +220,21 @@ class Trainer:
         t_window = time.perf_counter()
         for step in range(start, stop):
             lr = lr_at(step, o.steps, o.optim)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            accel.step_begin(o.compile)
-            with autocast_for(self.device, o.mixed_precision):
-                loss, parts = self.obj.loss(step, info)
-            loss.backward()
-            if o.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, o.optim.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(trained, step)
+            if runner is not None:  # the same step from static buffers, replayed as a CUDA graph on the GPU
+                loss, parts = runner.step(step, lr)
+            else:
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                accel.step_begin(o.compile)
+                with autocast_for(self.device, o.mixed_precision):
+                    loss, parts = self.obj.loss(step, info)
+                loss.backward()
+                if o.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, o.optim.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(trained, step)
             if step % o.log_every == 0 or step == o.steps - 1:
                 log.add(step, lr, loss, parts)
             done = step + 1
@@ -231,6 +253,12 @@ class Trainer:
                 t_window = time.perf_counter()  # saving is not training time
         if bar is not None:
             bar.close()
+        extra: dict[str, Any] = {}
+        if runner is not None:
+            extra["cuda_graphs"] = {"captured": [str(k) for k in runner.captured], "warmup_steps": graphs.WARMUP_STEPS}
+            runner.close()
+        if self.notes:
+            extra["notes"] = list(self.notes)
 
         plot = None
         if self.out_dir is not None and info.main:
@@ -245,7 +273,7 @@ class Trainer:
         self.obj.forward_model = module  # evaluations after training run the plain module
         ips = (timed_steps * o.batch / timed) if timed > 0 else None
         return TrainResult(history=history, steps=stop - start, seconds=time.perf_counter() - t_run, images_per_second=ips,
-                           resumed_from=resumed_from, plot=plot)
+                           resumed_from=resumed_from, plot=plot, extra=extra)
 
     # ------------------------------------------------------------------------------------------------
     def _job_id(self) -> dict[str, Any]:
@@ -264,7 +292,7 @@ class Trainer:
             model, optim, ema_sd = fsdp.full_model_state(module), fsdp.full_optimizer_state(module, opt), ema.state_dict() if ema else None
         if self.info.main:
             if not self.fsdp:
-                model, optim, ema_sd = module.state_dict(), opt.state_dict(), ema.state_dict() if ema else None
+                model, optim, ema_sd = module.state_dict(), accel.optimizer_state(opt), ema.state_dict() if ema else None
             # the log first: a checkpoint must never cover steps whose losses are not on disk (a resume keeps
             # the log's rows before the checkpoint's step and appends from there)
             logs.write_csv(self.out_dir / "losses.csv", history)
