@@ -232,13 +232,11 @@ class DecoderStep:
 
 
 def _adapter_class(obj):
-    from snapopt.train.decoder import DecoderObjective
-    from snapopt.train.recover import RecoverObjective
-    from snapopt.train.step_distill import ReparamObjective, StepDistillObjective
+    from snapopt.train import decoder, recover, step_distill
 
-    for cls, adapter in ((RecoverObjective, RecoverStep), (StepDistillObjective, StepDistillStep), (ReparamObjective, ReparamStep),
-                         (DecoderObjective, DecoderStep)):
-        if isinstance(obj, cls):
+    for cls, adapter in ((recover.RecoverObjective, RecoverStep), (step_distill.StepDistillObjective, StepDistillStep),
+                         (getattr(step_distill, "ReparamObjective", None), ReparamStep), (decoder.DecoderObjective, DecoderStep)):
+        if cls is not None and isinstance(obj, cls):
             return adapter
     return None
 
