@@ -127,8 +127,10 @@ def compare_graphs(args) -> None:
             try:
                 r = Trainer(obj, o, None, device=device, title=f"{stage} {mode}").run()
             except Exception as exc:  # noqa: BLE001 - a bench reports what failed and goes on
-                runs[mode] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
-                print(f"{stage:16s} {mode:12s} FAILED {runs[mode]['error']}", flush=True)
+                import traceback
+
+                runs[mode] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}", "traceback": traceback.format_exc()[-3000:]}
+                print(f"{stage:16s} {mode:12s} FAILED {runs[mode]['error']}\n{runs[mode]['traceback']}", flush=True)
                 continue
             finally:
                 if hasattr(obj, "close"):
