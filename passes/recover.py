@@ -32,7 +32,8 @@ class _TrainingPass(Pass):
     def run(self, program, ctx: PassContext) -> PassResult:
         teacher = self._teacher(ctx)
         out = self._out_dir(ctx)
-        resume = out is not None and (out / "checkpoints").is_dir()  # left by a killed run of this pass
+        # left by a killed run of this pass (a stage of it may keep its own under a subfolder)
+        resume = out is not None and out.is_dir() and any(p.is_dir() for p in out.rglob("checkpoints"))
         stats = self.train(teacher, program, out, resume)
         title, rows = self.report_rows(stats)
         self._report(ctx, out, title, rows, stats)
@@ -121,10 +122,36 @@ class StepDistill(_TrainingPass):
         losses = [(f"distillation error, {kind} steps, first → last 10%",
                    f"{_fmt(stats[f'distill_{kind}_first'])} → {_fmt(stats[f'distill_{kind}_last'])}")
                   for kind in ("cfg", "plain") if stats.get(f"distill_{kind}_first") is not None]
-        return f"Step distillation {n} → {h}", [(f"distance of {h}-step student samples to {n}-step teacher, before", stats["distance_before"]),
+        return f"Step distillation {n} → {h}", [*_stage_rows(stats),
+                (f"distance of {h}-step student samples to {n}-step teacher, before", stats["distance_before"]),
                 ("… after", stats["distance_after"]), (f"teacher itself at {h} steps", stats["teacher_at_half_steps"]),
                 (f"distance to the teacher on the halved {h}-step grid, before → after",
                  f"{_fmt(stats['distance_halved_before'])} → {_fmt(stats['distance_halved_after'])}"),
                 ("steps", stats["steps"]), ("images/s", stats["images_per_second"]), *losses,
             *_zoo_rows(stats, {"zoo_teacher_n": f"teacher, {n} steps", "zoo_teacher_half": f"teacher, {h} steps",
                                "zoo_student_half": f"student, {h} steps"})]
+
+
+def _stage_rows(stats: dict) -> list[tuple[str, object]]:
+    """What the step_distill pass did before distilling: the teacher's own step distillation, the student's
+    switch of prediction type (its samples before vs after, same noise: the switch should not change them)."""
+    rows: list[tuple[str, object]] = []
+    td = stats.get("teacher_distill")
+    if td:
+        rows += [("teacher", f"step-distilled {td['teacher_steps']} → {td['student_steps']} first ({td['grid']} grid, "
+                             f"{td['student_prediction']}), {td['steps']} steps"),
+                 (f"… its distance to the original at {td['teacher_steps']} steps, halved grid, before → after",
+                  f"{_fmt(td['distance_halved_before'])} → {_fmt(td['distance_halved_after'])}")]
+        rows += _reparam_rows(td, "teacher")
+        rows += _zoo_rows(td, {"zoo_student_half": f"distilled teacher, {td['student_steps']} steps"})
+    rows += _reparam_rows(stats, "student")
+    rows.append(("student prediction type", stats.get("student_prediction", "epsilon")))
+    return rows
+
+
+def _reparam_rows(stats: dict, who: str) -> list[tuple[str, object]]:
+    r = stats.get("reparametrise")
+    if not r:
+        return []
+    return [(f"{who} re-expressed {r['from']} → {r['to']} ({r['steps']} steps): its own samples moved by "
+             f"({stats['student_steps']} / 50 steps)", f"{_fmt(r['sample_change'])} / {_fmt(r['sample_change_50'])}")]

@@ -6,36 +6,42 @@ import torch
 
 from snapopt.quality import VALIDATION_PROMPTS
 from snapopt.train.data import embed
-from snapopt.train.sampling import halved_transitions, sample_latents
+from snapopt.train.sampling import sample_latents, split_transitions, student_transitions
 
 
 @torch.no_grad()
 def sample_distance(teacher, student, student_steps: int, teacher_steps: int, *, prompts: int, cfg: float, seed: int, device,
-                    halved: bool = False) -> float:
+                    halved: bool = False, student_grid: str = "ddim") -> float:
     """Relative L2 distance of the student's ``student_steps``-step DDIM latents to the teacher's
     ``teacher_steps``-step latents from the same noise and prompts (lower is better). ``halved``: the
     teacher walks the student's grid with every step split in two (what step distillation trains for)
-    instead of diffusers' own ``teacher_steps`` grid."""
+    instead of diffusers' own ``teacher_steps`` grid. ``student_grid``: the student's path
+    (:func:`snapopt.train.sampling.student_transitions`); each pipeline is read under its own prediction type."""
     texts = (VALIDATION_PROMPTS * (prompts // len(VALIDATION_PROMPTS) + 1))[:prompts]
     cond = embed(teacher, texts, device, seed)
     uncond = embed(teacher, [""], device, seed + 1)[0]
     shape = (teacher.unet.config.in_channels, teacher.latent_size, teacher.latent_size)
+    num_train, offset = len(teacher.scheduler.alphas_cumprod), int(teacher.scheduler.config.get("steps_offset", 1))
+    mine = student_transitions(student_steps, student_grid, num_train, offset)
     path = None
     if halved:
         if teacher_steps != 2 * student_steps:
             raise ValueError(f"halved needs teacher_steps == 2 * student_steps, got {teacher_steps} and {student_steps}")
-        path = halved_transitions(student_steps, len(teacher.scheduler.alphas_cumprod), int(teacher.scheduler.config.get("steps_offset", 1)))
+        path = split_transitions(mine)
     ref = sample_latents(teacher, cond, uncond, steps=teacher_steps, cfg=cfg, shape=shape, seed=seed, device=device, transitions=path)
-    out = sample_latents(teacher, cond, uncond, steps=student_steps, cfg=cfg, shape=shape, seed=seed, device=device, unet=student.unet)
+    out = sample_latents(teacher, cond, uncond, steps=student_steps, cfg=cfg, shape=shape, seed=seed, device=device, unet=student.unet,
+                         prediction_type=student.prediction_type, transitions=mine)
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
 def diffusers_pipeline(pipe):
-    """A diffusers StableDiffusionPipeline sharing ``pipe``'s modules (for the zoo's evaluators)."""
+    """A diffusers StableDiffusionPipeline sharing ``pipe``'s modules (for the zoo's evaluators), its DDIM
+    scheduler told the UNet's prediction type (a v-prediction student sampled as epsilon draws noise)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=pipe.prediction_type)
     sd = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-                                 scheduler=DDIMScheduler.from_config(pipe.scheduler.config), safety_checker=None,
+                                 scheduler=scheduler, safety_checker=None,
                                  feature_extractor=None, requires_safety_checker=False)
     sd.set_progress_bar_config(disable=True)
     return sd

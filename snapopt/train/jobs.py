@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from snapopt.core import PassOptions
 from snapopt.errors import UsageError
 from snapopt.train import dist
-from snapopt.train.options import DecoderLoss, RecoverLoss, RobustOptions, StepDistillLoss, TrainOptions
+from snapopt.train.options import DecoderLoss, RecoverLoss, RobustOptions, StepDistillLoss, StepDistillStage, TrainOptions
 from snapopt.train.trainer import Trainer, TrainResult
 
 
@@ -43,9 +44,26 @@ class StepDistillJob(PassOptions):
     train: TrainOptions = TrainOptions()
     loss: StepDistillLoss = StepDistillLoss()
     teacher: Literal["original", "self"] = Field("original", description="original: the loaded model; self: a frozen copy of the UNet as it enters the pass")
+    teacher_distill: StepDistillStage | None = Field(
+        None, description="first step-distil (a copy of) the teacher itself 2N -> N with these options and teach from that "
+                          "(SnapFusion's 16-step teacher distilled from 32); its loss.teacher_steps must be 2x this job's")
+    reparametrise: TrainOptions | None = Field(
+        None, description="warm-up that re-expresses the student in loss.student_prediction before distillation "
+                          "(needed when that differs from what the UNet outputs as it enters)")
     eval_prompts: int = Field(4, ge=1, description="prompts for the sample-distance evaluation")
     eval_cfg: float = Field(7.5, ge=1)
     zoo_eval_prompts: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _stages(self):
+        td = self.teacher_distill
+        if td is not None and td.loss.teacher_steps != 2 * self.loss.teacher_steps:
+            raise ValueError(f"teacher_distill.loss.teacher_steps must be 2 x loss.teacher_steps ({2 * self.loss.teacher_steps}) so the "
+                             f"distilled teacher runs the {self.loss.teacher_steps} steps this job distils from; got {td.loss.teacher_steps}")
+        if td is not None and td.loss.grid != "halved":
+            raise ValueError("teacher_distill.loss.grid must be halved: the distilled teacher is then trained on exactly the "
+                             "split steps this job's student is distilled from")
+        return self
 
 
 @contextmanager
@@ -151,40 +169,88 @@ def run_decoder(teacher, program, o: DecoderJob, out_dir: Path | None, *, resume
 
 
 def run_step_distill(teacher, program, o: StepDistillJob, out_dir: Path | None, *, resume: bool = False) -> tuple[dict[str, Any], TrainResult]:
-    from snapopt.train.evaluation import sample_distance
-    from snapopt.train.step_distill import StepDistillObjective
-
+    """Step-distil ``program``'s UNet in place (N -> N/2) from the teacher: the original, or with ``teacher:
+    self`` a frozen copy of the UNet as it enters, or that teacher first step-distilled 2N -> N itself
+    (``teacher_distill``: a copy is trained, under ``<out>/teacher/``). A student that changes its prediction
+    type is re-expressed first (``reparametrise``, under ``<out>/reparametrise/``) and ``program`` leaves
+    with the new type in its schedulers."""
     _check_teacher(teacher, program, "unet")
     info, device = _setup(o.train)
-    frozen = copy.deepcopy(program.unet).eval() if o.teacher == "self" else None
-    ref = copy.copy(teacher)
-    if frozen is not None:
-        ref.unet = frozen
+    ref = teacher
+    if o.teacher == "self":  # what the UNet outputs as it enters, not what the loaded model did
+        ref = replace(teacher, unet=copy.deepcopy(program.unet).eval(), prediction_type=program.prediction_type)
     with on_device([ref, program], device):
-        n, half = o.loss.teacher_steps, o.loss.teacher_steps // 2
-        kw = dict(prompts=o.eval_prompts, cfg=o.eval_cfg, seed=o.train.seed, device=device)
-        before = {"student_half_steps": sample_distance(ref, program, half, n, **kw), "teacher_half_steps": sample_distance(ref, ref, half, n, **kw),
-                  "halved": sample_distance(ref, program, half, n, halved=True, **kw)}
-        obj = StepDistillObjective(ref, program.unet, o.train, o.loss, device=device)
-        result = Trainer(obj, o.train, out_dir, info=info, device=device, title="step_distill").run(resume=resume)
+        stats: dict[str, Any] = {}
+        if o.teacher_distill is not None:
+            td = o.teacher_distill
+            student = replace(ref, unet=copy.deepcopy(ref.unet), extra=dict(ref.extra))
+            t_stats, _ = _distill_stage(teacher, ref, student, td.train, td.loss, td.reparametrise, o, _sub(out_dir, "teacher"),
+                                        resume, info, device)
+            student.unet.eval().requires_grad_(False)
+            ref = student
+            stats["teacher_distill"] = t_stats
+        main, result = _distill_stage(teacher, ref, program, o.train, o.loss, o.reparametrise, o, out_dir, resume, info, device,
+                                      reparam_dir=_sub(out_dir, "reparametrise"))
+    stats = {**main, **stats}
+    return stats, result
+
+
+def _sub(out_dir: Path | None, name: str) -> Path | None:
+    return None if out_dir is None else Path(out_dir) / name
+
+
+def _distill_stage(data_pipe, ref, program, train: TrainOptions, loss: StepDistillLoss, reparam: TrainOptions | None, o: StepDistillJob,
+                   out_dir: Path | None, resume: bool, info, device, *, reparam_dir: Path | None = None) -> tuple[dict[str, Any], TrainResult]:
+    """One N -> N/2 stage: ``program``'s UNet learns from ``ref`` (modules already on ``device``); the
+    training data come from ``data_pipe`` (the loaded model), so every stage shares one latent pool."""
+    from snapopt.train.evaluation import sample_distance, zoo_metrics
+    from snapopt.train.step_distill import ReparamObjective, StepDistillObjective, loss_summary, set_prediction_type
+
+    n, half = loss.teacher_steps, loss.teacher_steps // 2
+    want = loss.student_prediction or program.prediction_type
+    kw = dict(prompts=o.eval_prompts, cfg=o.eval_cfg, seed=train.seed, device=device, student_grid=loss.grid)
+    stats: dict[str, Any] = {"teacher_steps": n, "student_steps": half, "grid": loss.grid, "teacher_prediction": ref.prediction_type}
+    if want != program.prediction_type:
+        if reparam is None:
+            raise UsageError(f"step_distill: loss.student_prediction is {want} but the UNet outputs {program.prediction_type}; give "
+                             "`reparametrise` (train options of the warm-up that re-expresses it, e.g. {steps: 600, optim: {lr: 1.0e-4}})")
+        entering = replace(program, unet=copy.deepcopy(program.unet).eval(), extra=dict(program.extra))
+        r_obj = ReparamObjective(data_pipe, program.unet, reparam, source_prediction=program.prediction_type, target_prediction=want,
+                                 device=device, reference_unet=entering.unet)
+        r_res = Trainer(r_obj, reparam, reparam_dir if reparam_dir is not None else _sub(out_dir, "reparametrise"), info=info,
+                        device=device, title="reparametrise").run(resume=resume)
         program.unet.eval()
-        after = sample_distance(ref, program, half, n, **kw)
-        after_halved = sample_distance(ref, program, half, n, halved=True, **kw)
-        stats = {"teacher_steps": n, "student_steps": half, "distance_before": before["student_half_steps"],
-                 "distance_after": after, "teacher_at_half_steps": before["teacher_half_steps"],
-                 # to the teacher on the student's grid with each step halved: the path the student was trained on
-                 "distance_halved_before": before["halved"], "distance_halved_after": after_halved}
-        if o.zoo_eval_prompts:
-            from snapopt.train.evaluation import zoo_metrics
-
-            stats["zoo_teacher_n"] = zoo_metrics(ref, o.zoo_eval_prompts, n, o.eval_cfg, o.train.seed)
-            stats["zoo_teacher_half"] = zoo_metrics(ref, o.zoo_eval_prompts, half, o.eval_cfg, o.train.seed)
-            stats["zoo_student_half"] = zoo_metrics(program, o.zoo_eval_prompts, half, o.eval_cfg, o.train.seed)
-    from snapopt.train.step_distill import loss_summary
-
+        set_prediction_type(program, want)
+        # its own samples before and after, same noise: how much the switch changed what it draws
+        stats["reparametrise"] = {"from": entering.prediction_type, "to": want, "steps": reparam.steps,
+                                  "seconds": round(r_res.seconds, 2), "loss_first": r_res.history[0]["loss"] if r_res.history else None,
+                                  "loss_last": r_res.final.get("loss"),
+                                  "sample_change": sample_distance(entering, program, half, half, **kw),
+                                  "sample_change_50": sample_distance(entering, program, 50, 50, **{**kw, "student_grid": "ddim"})}
+    stats["student_prediction"] = program.prediction_type
+    before = {"student_half_steps": sample_distance(ref, program, half, n, **kw), "teacher_half_steps": sample_distance(ref, ref, half, n, **kw),
+              "halved": sample_distance(ref, program, half, n, halved=True, **kw)}
+    obj = StepDistillObjective(ref, program.unet, train, loss, device=device, student_prediction=program.prediction_type,
+                               data=_shared_data(data_pipe, train, device))
+    result = Trainer(obj, train, out_dir, info=info, device=device, title=f"step_distill {n}->{half}").run(resume=resume)
+    program.unet.eval()
+    stats.update({"distance_before": before["student_half_steps"], "distance_after": sample_distance(ref, program, half, n, **kw),
+                  "teacher_at_half_steps": before["teacher_half_steps"],
+                  # to the teacher on the student's grid with each step halved: the path the student was trained on
+                  "distance_halved_before": before["halved"], "distance_halved_after": sample_distance(ref, program, half, n, halved=True, **kw)})
+    if o.zoo_eval_prompts:
+        stats["zoo_teacher_n"] = zoo_metrics(ref, o.zoo_eval_prompts, n, o.eval_cfg, train.seed)
+        stats["zoo_teacher_half"] = zoo_metrics(ref, o.zoo_eval_prompts, half, o.eval_cfg, train.seed)
+        stats["zoo_student_half"] = zoo_metrics(program, o.zoo_eval_prompts, half, o.eval_cfg, train.seed)
     stats.update(_train_stats(result))
     stats.update(loss_summary(result.history))  # CFG-aware and plain errors apart: their scales differ ~30x
     return stats, result
+
+
+def _shared_data(pipe, train: TrainOptions, device):
+    from snapopt.train.data import LatentSource
+
+    return LatentSource(pipe, train.data, seed=train.seed, device=device, num_train=len(pipe.scheduler.alphas_cumprod))
 
 
 def _train_stats(result: TrainResult) -> dict[str, Any]:

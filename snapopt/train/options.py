@@ -133,14 +133,36 @@ class StepDistillLoss(_Opts):
         "snr_trunc", description="snr_trunc: x_0 error weighted by max(SNR, 1) (progressive distillation); "
                                  "output: plain MSE in the model's prediction space (under-weights the noisy steps that set the trajectory)")
 
+    student_prediction: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="what the student's UNet outputs (default: what it outputs as it enters). v_prediction: SnapFusion's "
+                          "student, x_hat = alpha_t z_t - sigma_t v_hat; a student entering as epsilon is first re-expressed "
+                          "by the job's `reparametrise` warm-up, and the pipeline leaves with prediction_type v_prediction")
+    grid: Literal["ddim", "halved"] = Field(
+        "ddim", description="the student's timesteps. ddim: diffusers' N/2-step DDIM grid (what a plain DDIMScheduler samples). "
+                            "halved: the N/4-step DDIM grid with every step split in two, i.e. exactly the path that a later "
+                            "N/2 -> N/4 distillation walks its teacher on (SnapFusion's 16-step teacher for a 16 -> 8 student)")
+
     @model_validator(mode="after")
     def _check(self):
+        if self.grid == "halved" and self.teacher_steps % 4:
+            raise ValueError(f"grid: halved needs teacher_steps divisible by 4, got {self.teacher_steps}")
         if self.teacher_steps % 2:
             raise ValueError(f"teacher_steps must be even, got {self.teacher_steps}")
         lo, hi = self.cfg_range
         if not 1 <= lo <= hi:
             raise ValueError(f"cfg_range must satisfy 1 <= low <= high, got {list(self.cfg_range)}")
         return self
+
+
+class StepDistillStage(_Opts):
+    """One step-distillation stage run inside another (SnapFusion's teacher, itself step-distilled 32 -> 16
+    before the student is distilled 16 -> 8 from it): a copy of the teacher's UNet is trained, the program
+    is not touched."""
+
+    train: TrainOptions = TrainOptions()
+    loss: StepDistillLoss = StepDistillLoss(teacher_steps=32, grid="halved")
+    reparametrise: TrainOptions | None = Field(None, description="the warm-up that switches the output parametrisation, "
+                                                                 "when loss.student_prediction differs from the teacher's")
 
 
 class DecoderLoss(_Opts):

@@ -33,15 +33,40 @@ def halved_transitions(steps: int, num_train: int = 1000, offset: int = 1) -> li
     return out
 
 
+def split_transitions(transitions: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Every step (t, t_prev) split in two at t - (t - t_prev) // 2: the path step distillation's teacher walks
+    for a student on ``transitions``. A split point below 0 would be an identity step (both ends at the final
+    alpha), so such a step stays whole."""
+    out = []
+    for t, t_prev in transitions:
+        mid = t - (t - t_prev) // 2
+        out += [(t, mid), (mid, t_prev)] if mid >= 0 else [(t, t_prev)]
+    return out
+
+
+def student_transitions(student_steps: int, grid: str = "ddim", num_train: int = 1000, offset: int = 1) -> list[tuple[int, int]]:
+    """The (t, t_prev) a ``student_steps``-step student is trained and sampled on: diffusers' DDIM grid
+    (``ddim``) or the ``student_steps // 2``-step grid with every step split in two (``halved``: the path a
+    later distillation to ``student_steps // 2`` walks this model on, so it is trained where it is used)."""
+    if grid == "ddim":
+        return ddim_transitions(student_steps, num_train, offset)
+    if grid == "halved":
+        return halved_transitions(student_steps // 2, num_train, offset)
+    raise ValueError(f"unknown grid '{grid}'; expected ddim or halved")
+
+
 @torch.no_grad()
 def sample_latents(pipe, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int, cfg: float, shape, seed: int,
-                   device, unet=None, batch: int = 128, transitions: list[tuple[int, int]] | None = None) -> torch.Tensor:
+                   device, unet=None, batch: int = 128, transitions: list[tuple[int, int]] | None = None,
+                   prediction_type: str | None = None) -> torch.Tensor:
     """x_0 latents from ``pipe``'s UNet (or ``unet``) by deterministic DDIM with classifier-free guidance,
     on diffusers' ``steps``-step grid or on explicit ``transitions`` (t, t_prev). ``batch`` prompts per UNet
     call (x2 for guidance): a small model is launch-bound, so 16 at a time left the GPU mostly idle; the
-    noise is drawn for all prompts up front, so the batch size does not change which sample a prompt gets."""
+    noise is drawn for all prompts up front, so the batch size does not change which sample a prompt gets.
+    ``prediction_type``: what ``unet`` outputs, when it is not ``pipe``'s own (a v-prediction student sampled
+    with its epsilon teacher's text encoder and scheduler)."""
     unet = unet or pipe.unet
-    sched = Schedule(pipe.scheduler, pipe.prediction_type)
+    sched = Schedule(pipe.scheduler, prediction_type or pipe.prediction_type)
     offset = int(pipe.scheduler.config.get("steps_offset", 1))
     transitions = transitions or ddim_transitions(steps, sched.num_train, offset)
     gen = torch.Generator().manual_seed(seed)

@@ -16,6 +16,14 @@ model's loss by ~18. Adam moves every weight by about ``lr`` per step, a step of
 (0.37 for the 13.6 M zoo UNet at 1e-4), so at recovery-style rates the student is knocked off the
 teacher's trajectory and the distance to it *grows* (0.36 -> 0.52 measured). 1e-5 makes it shrink
 (0.36 -> 0.29); docs/training.md has the sweep.
+
+v-prediction student (SnapFusion Sec. 4.1, ``loss.student_prediction: v_prediction``): the student outputs v
+and its x_0 is x_hat = alpha_t z_t - sigma_t v_hat, well conditioned at high noise where epsilon's
+x_0 = (z_t - sigma_t eps) / alpha_t divides by alpha_t -> 0, which is where a few-step sampler takes its
+largest steps. The loss is the same truncated-SNR x_0 error. A student that enters predicting epsilon (the
+teacher's weights) would output garbage as v, so :class:`ReparamObjective` first re-expresses it: it learns
+its own frozen copy's output converted to v at every timestep (same function, new output), before any
+distillation; the job reports how far that moved its samples.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from snapopt.train.diffusion import Schedule, guided
 from snapopt.train.dist import DistInfo, shard, step_generator
 from snapopt.train.options import StepDistillLoss, TrainOptions
 from snapopt.train.recover import per_sample_mse
-from snapopt.train.sampling import ddim_timesteps
+from snapopt.train.sampling import student_transitions
 
 
 class StepDistillObjective:
@@ -37,16 +45,23 @@ class StepDistillObjective:
     skips_blocks = False
 
     def __init__(self, teacher, student_unet: nn.Module, train: TrainOptions, loss: StepDistillLoss = StepDistillLoss(), *,
-                 device: torch.device, teacher_unet: nn.Module | None = None, data: LatentSource | None = None):
+                 device: torch.device, teacher_unet: nn.Module | None = None, data: LatentSource | None = None,
+                 student_prediction: str | None = None):
+        """``teacher``: the pipeline whose UNet (or ``teacher_unet``) and prediction type teach; the student
+        outputs ``loss.student_prediction``, else ``student_prediction`` (what it outputs now), else the teacher's."""
         self.teacher, self.student = teacher, student_unet
         self.teacher_unet = TeacherForward(teacher_unet or teacher.unet, train, device)
         self.train_o, self.lo = train, loss
-        self.sched = Schedule(teacher.scheduler, teacher.prediction_type)
+        self.sched = Schedule(teacher.scheduler, teacher.prediction_type)  # the teacher's outputs
+        self.student_prediction = loss.student_prediction or student_prediction or teacher.prediction_type
+        self.ssched = Schedule(teacher.scheduler, self.student_prediction)  # the student's
         self.data = data or LatentSource(teacher, train.data, seed=train.seed, device=device, num_train=self.sched.num_train)
         self.student_steps = loss.teacher_steps // 2
         self.stride = self.sched.num_train // self.student_steps
         offset = int(teacher.scheduler.config.get("steps_offset", 1))
-        self.grid = torch.tensor(ddim_timesteps(self.student_steps, self.sched.num_train, offset))
+        self.transitions = student_transitions(self.student_steps, loss.grid, self.sched.num_train, offset)
+        self.grid = torch.tensor([t for t, _ in self.transitions])
+        self.prev = torch.tensor([p for _, p in self.transitions])
         self.forward_model: nn.Module = student_unet
 
     def trainable(self) -> nn.Module:
@@ -54,28 +69,26 @@ class StepDistillObjective:
 
     # -- the math, separately testable ------------------------------------------------------------------
     @torch.no_grad()
-    def teacher_two_steps(self, x_t, t, cond, uncond, scale=None):
-        """x at t - r after the teacher's two DDIM steps (guided when ``scale`` is given)."""
-        t_mid, t_end = t - self.stride // 2, t - self.stride
+    def teacher_two_steps(self, x_t, t, cond, uncond, scale=None, t_end=None):
+        """x at ``t_end`` (default t - r) after the teacher's two DDIM steps t -> t - (t - t_end)//2 -> t_end
+        (guided when ``scale`` is given)."""
+        t_end = t - self.stride if t_end is None else t_end
+        t_mid = t - (t - t_end) // 2
         x_mid = self.sched.ddim_step(self._teacher_pred(x_t, t, cond, uncond, scale), x_t, t, t_mid)
         return self.sched.ddim_step(self._teacher_pred(x_mid, t_mid, cond, uncond, scale), x_mid, t_mid, t_end)
 
-    def student_target(self, x_t, t, x_end):
-        """The student output whose one DDIM step t -> t - r reaches ``x_end``."""
-        x0 = self.sched.x0_for_one_step(x_t.double(), x_end.double(), t, t - self.stride)
-        return self.sched.from_x0(x0, x_t.double(), t).to(x_t.dtype)
+    def student_target(self, x_t, t, x_end, t_end=None):
+        """The student output (in its own prediction type) whose one DDIM step t -> t_end reaches ``x_end``."""
+        t_end = t - self.stride if t_end is None else t_end
+        x0 = self.ssched.x0_for_one_step(x_t.double(), x_end.double(), t, t_end)
+        return self.ssched.from_x0(x0, x_t.double(), t).to(x_t.dtype)
 
     def distill_error(self, pred, target, x_t, t):
-        """Per-sample distillation error. ``snr_trunc``: |x0(pred) - x0(target)|^2 * max(SNR_t, 1), Salimans &
-        Ho's truncated-SNR weighting; in epsilon space that is the plain MSE times max(1, 1/SNR), so the
+        """Per-sample distillation error between student outputs. ``snr_trunc``: |x0(pred) - x0(target)|^2 *
+        max(SNR_t, 1), Salimans & Ho's truncated-SNR weighting, also SnapFusion's for its v student (x0 =
+        alpha_t z_t - sigma_t v); in epsilon space that is the plain MSE times max(1, 1/SNR), so the
         high-noise steps, which decide where a few-step trajectory goes, are not drowned out."""
-        if self.lo.weighting == "output":
-            return per_sample_mse(pred, target)
-        x0_pred, _ = self.sched.to_x0_eps(pred, x_t, t)
-        x0_target, _ = self.sched.to_x0_eps(target, x_t, t)
-        ab = to_device(self.sched.alpha_bar(t), x_t.device)
-        weight = (ab / (1 - ab)).clamp(min=1.0).to(x_t.dtype)
-        return weight * per_sample_mse(x0_pred, x0_target)
+        return snr_trunc_error(self.ssched, pred, target, x_t, t) if self.lo.weighting == "snr_trunc" else per_sample_mse(pred, target)
 
     def _teacher_pred(self, x, t, cond, uncond, scale):
         tt = to_device(t, x.device)
@@ -90,13 +103,14 @@ class StepDistillObjective:
         b = self.data.batch(step, self.train_o.batch, info)
         gen = step_generator(self.train_o.seed, step, stream=2)
         n = self.train_o.batch
-        t = shard(self.grid[torch.randint(0, len(self.grid), (n,), generator=gen)], info)
+        k = torch.randint(0, len(self.grid), (n,), generator=gen)
+        t, t_end = shard(self.grid[k], info), shard(self.prev[k], info)
         use_cfg = bool(torch.rand((), generator=gen) < self.lo.cfg_probability)
         lo, hi = self.lo.cfg_range
         scale = to_device(shard(lo + (hi - lo) * torch.rand(n, generator=gen), info), b.x0.device) if use_cfg else None
         x_t = self.sched.add_noise(b.x0, b.noise, t)
-        x_end = self.teacher_two_steps(x_t, t, b.cond, b.uncond, scale)
-        target = self.student_target(x_t.float(), t, x_end.float())
+        x_end = self.teacher_two_steps(x_t, t, b.cond, b.uncond, scale, t_end)
+        target = self.student_target(x_t.float(), t, x_end.float(), t_end)
         tt = to_device(t, x_t.device)
         if use_cfg:
             out = self.forward_model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([b.uncond, b.cond]), return_dict=False)[0]
@@ -110,10 +124,76 @@ class StepDistillObjective:
         total = distill
         parts = {"distill": distill.mean(), "cfg": float(use_cfg)}
         if self.lo.original_weight > 0:
-            orig = per_sample_mse(cond_pred, self.sched.target(b.x0, b.noise, t))
+            orig = per_sample_mse(cond_pred, self.ssched.target(b.x0, b.noise, t))
             total = total + self.lo.original_weight * orig
             parts["original"] = orig.mean()
         return total.mean(), {k: v.detach() if torch.is_tensor(v) else v for k, v in parts.items()}
+
+
+def snr_trunc_error(sched: Schedule, pred, target, x_t, t):
+    """max(SNR_t, 1) * |x0(pred) - x0(target)|^2 per sample, both outputs read under ``sched``'s prediction type."""
+    x0_pred, _ = sched.to_x0_eps(pred, x_t, t)
+    x0_target, _ = sched.to_x0_eps(target, x_t, t)
+    ab = to_device(sched.alpha_bar(t), x_t.device)
+    weight = (ab / (1 - ab)).clamp(min=1.0).to(x_t.dtype)
+    return weight * per_sample_mse(x0_pred, x0_target)
+
+
+class ReparamObjective:
+    """Switch a UNet's output parametrisation (epsilon -> v) without changing what it computes: the student
+    learns its own frozen copy's output, converted to the new type, at x_t from data noised to any training
+    timestep, with the truncated-SNR x_0 error. Needed because the student starts from weights that output
+    epsilon: read as v from the first step, its samples are noise. Output-KD on the exact converted target
+    rather than the plain denoising loss, which would also pull the student towards the data's mean at
+    every t and away from the function it is meant to keep."""
+
+    name = "reparametrise"
+    skips_blocks = False
+
+    def __init__(self, data_pipe, student_unet: nn.Module, train: TrainOptions, *, source_prediction: str, target_prediction: str,
+                 device: torch.device, reference_unet: nn.Module | None = None, data: LatentSource | None = None):
+        import copy
+
+        self.student = student_unet
+        self.reference = TeacherForward(reference_unet or copy.deepcopy(student_unet).eval(), train, device)
+        self.train_o = train
+        self.src = Schedule(data_pipe.scheduler, source_prediction)
+        self.dst = Schedule(data_pipe.scheduler, target_prediction)
+        self.data = data or LatentSource(data_pipe, train.data, seed=train.seed, device=device, num_train=self.src.num_train)
+        self.forward_model: nn.Module = student_unet
+
+    def trainable(self) -> nn.Module:
+        return self.student
+
+    def target(self, x_t, t, cond):
+        """The reference's output at x_t, re-expressed in the target prediction type."""
+        ref = self.reference(x_t, to_device(t, x_t.device), cond, return_dict=False)[0].float()
+        x0, _ = self.src.to_x0_eps(ref.double(), x_t.double(), t)
+        return self.dst.from_x0(x0, x_t.double(), t).float()
+
+    def loss(self, step: int, info: DistInfo):
+        b = self.data.batch(step, self.train_o.batch, info)
+        gen = step_generator(self.train_o.seed, step, stream=3)
+        t = shard(torch.randint(0, self.src.num_train, (self.train_o.batch,), generator=gen), info)
+        x_t = self.src.add_noise(b.x0, b.noise, t).float()
+        target = self.target(x_t, t, b.cond)
+        pred = self.forward_model(x_t, to_device(t, x_t.device), b.cond, return_dict=False)[0].float()
+        err = snr_trunc_error(self.dst, pred, target, x_t, t)
+        return err.mean(), {"reparam": err.mean().detach()}
+
+
+def set_prediction_type(pipe, prediction_type: str) -> None:
+    """Make ``pipe`` say what its UNet now outputs: ``prediction_type`` and both schedulers' configs (the one
+    snapopt samples with and the one a saved model ships), so plain diffusers samples it correctly. New
+    scheduler objects: the pass manager's program clone shares them with the model before the pass."""
+    if pipe.prediction_type == prediction_type:
+        return
+    pipe.prediction_type = prediction_type
+    if pipe.scheduler is not None:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    shipped = pipe.extra.get("scheduler")
+    if shipped is not None:
+        pipe.extra = {**pipe.extra, "scheduler": type(shipped).from_config(shipped.config, prediction_type=prediction_type)}
 
 
 def loss_summary(history: list[dict], frac: float = 0.1) -> dict:
