@@ -6,6 +6,7 @@ training seconds and images/s. Writes one JSON (default bench/results/snapfusion
 
     python bench/snapfusion_chain.py --out runs/chain
     python bench/snapfusion_chain.py --report-only runs/chain   # re-read a finished run
+    python bench/snapfusion_chain.py --out runs/chain --claim   # and score issue 11's claim on its model
 """
 
 from __future__ import annotations
@@ -30,9 +31,35 @@ def summarise(run: Path) -> dict:
         for k in ("seconds", "images_per_second", "steps"):
             if k in stats:
                 row[f"train_{k}"] = stats[k]
+        if rec["pass"] == "step_distill":
+            row["step_distill"] = step_distill_summary(stats)
         rows.append(row)
     return {"run": str(run), "total_seconds": report.get("seconds"), "passes": rows,
             "stages": report.get("timings") or report.get("stages"), "quality": report.get("quality")}
+
+
+def step_distill_summary(stats: dict) -> dict:
+    """The step_distill pass's stages: the teacher's own 32 -> 16 distillation, each re-expression warm-up
+    (epsilon -> v: how far it moved the model's own samples) and the student's distances and zoo scores."""
+    keep = ("teacher_steps", "student_steps", "grid", "teacher_prediction", "student_prediction", "distance_before", "distance_after",
+            "teacher_at_half_steps", "distance_halved_before", "distance_halved_after", "reparametrise", "seconds",
+            "zoo_teacher_n", "zoo_teacher_half", "zoo_student_half", "distill_cfg_first", "distill_cfg_last")
+    out = {k: stats[k] for k in keep if k in stats}
+    if stats.get("teacher_distill"):
+        out["teacher_distill"] = {k: stats["teacher_distill"][k] for k in keep if k in stats["teacher_distill"]}
+    return out
+
+
+def claim(run: Path, out: Path, steps: tuple[int, int] = (8, 50)) -> dict:
+    """Issue 11's check on the run's model: ``python -m snapopt.train.evaluation MODEL zoo:snapshapes OUT 8 50``
+    (64 held-out prompts, CFG 7.5, DDIM, the teacher's FID/CLIP at 50 steps as the bar)."""
+    cmd = [sys.executable, "-m", "snapopt.train.evaluation", str(run / "model"), "zoo:snapshapes", str(out), *map(str, steps)]
+    rc = subprocess.call(cmd, stdout=subprocess.DEVNULL)
+    if rc:
+        sys.exit(f"evaluation exited {rc}: {' '.join(cmd)}")
+    res = json.loads(out.read_text())
+    return {"command": " ".join(["python", "-m", "snapopt.train.evaluation", "RUN/model", "zoo:snapshapes", out.name, *map(str, steps)]),
+            "met": res["met"], "checks": res["checks"], "rows": res["rows"]}
 
 
 def card() -> str:
@@ -50,6 +77,9 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("runs/chain"))
     ap.add_argument("--report-only", type=Path, default=None, help="summarise an existing run folder")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--claim", action="store_true", help="also score the run's model at 8 steps against the teacher at 50 "
+                                                          "(issue 11's claim; JSON and sample grids beside the result)")
+    ap.add_argument("--name", default="snapfusion_chain", help="result name: bench/results/<name>_<card>.json")
     args = ap.parse_args()
     wall = None
     run = args.report_only or args.out
@@ -62,8 +92,10 @@ def main():
             sys.exit(f"snapopt apply exited {rc} after {wall} s")
     res = {"device": card(), "recipe": os.path.relpath(args.recipe, ROOT), "wall_seconds": wall, **summarise(run)}
     name = res["device"].replace("NVIDIA ", "").split()[0].lower()
-    out = args.json or ROOT / "bench" / "results" / f"snapfusion_chain_{name}.json"
+    out = args.json or ROOT / "bench" / "results" / f"{args.name}_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.claim:
+        res["claim"] = claim(run, out.with_name(out.stem + "_eval.json"))
     out.write_text(json.dumps(res, indent=1, default=str))
     for r in res["passes"]:
         print(f"{r['pass']:26s} {r['seconds']:>8} s   train {r.get('train_seconds', '-')} s  {r.get('train_images_per_second', '-')} img/s")

@@ -190,3 +190,28 @@ def test_recipe_runs_snapfusions_chain_of_teachers():
     assert sd.loss.student_prediction == "v_prediction" and sd.loss.teacher_steps == 16 and sd.reparametrise is not None
     td = sd.teacher_distill
     assert td.loss.teacher_steps == 32 and td.loss.grid == "halved" and td.loss.student_prediction == "v_prediction"
+
+
+def test_epsilon_output_re_expresses_a_v_unet_exactly(tiny_pipe):
+    """What an epsilon-only runtime (Apple's Swift schedulers) needs from a v student: the same UNet, outputting
+    epsilon, equal to the epsilon its v implies; diffusers' epsilon DDIM on it matches v DDIM on the bare UNet."""
+    from diffusers import DDIMScheduler
+
+    from snapopt.train.diffusion import EpsilonOutput, Schedule
+
+    wrapped = EpsilonOutput(tiny_pipe.unet, tiny_pipe.scheduler.alphas_cumprod, "v_prediction")
+    gen = torch.Generator().manual_seed(2)
+    x, cond = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    t = torch.tensor([876, 1])
+    with torch.no_grad():
+        v = tiny_pipe.unet(x, t, cond).sample
+        eps = wrapped(x, t.float(), cond, return_dict=False)[0]
+        assert torch.equal(wrapped(x, t, cond).sample, eps)
+    torch.testing.assert_close(eps, Schedule(tiny_pipe.scheduler, "v_prediction").to_x0_eps(v, x, t)[1], rtol=1e-5, atol=1e-5)
+    as_v = DDIMScheduler.from_config(tiny_pipe.scheduler.config, prediction_type="v_prediction")
+    as_eps = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    for s in (as_v, as_eps):
+        s.set_timesteps(8)
+    torch.testing.assert_close(as_eps.step(eps[:1], 876, x[:1]).prev_sample, as_v.step(v[:1], 876, x[:1]).prev_sample, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="not 'epsilon'"):
+        EpsilonOutput(tiny_pipe.unet, tiny_pipe.scheduler.alphas_cumprod, "epsilon")

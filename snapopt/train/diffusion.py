@@ -89,3 +89,36 @@ def guided(uncond: torch.Tensor, cond: torch.Tensor, scale) -> torch.Tensor:
     if torch.is_tensor(scale):
         scale = scale.view((-1,) + (1,) * (cond.dim() - 1)).to(cond.dtype)
     return uncond + scale * (cond - uncond)
+
+
+class EpsilonOutput(torch.nn.Module):
+    """A UNet that outputs v (or x_0), re-expressed to output epsilon: eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t
+    (x_0: (x_t - sqrt(ab_t) x_0) / sqrt(1 - ab_t)). For runtimes whose schedulers assume epsilon, such as
+    Apple's Swift pipeline: exact and elementwise, alpha_bar gathered from a constant table by the timestep
+    input, so an exported package keeps the UNet's interface and the app's scheduler needs no change."""
+
+    def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str):
+        super().__init__()
+        if prediction_type not in ("v_prediction", "sample"):
+            raise ValueError(f"EpsilonOutput converts v_prediction or sample outputs, not '{prediction_type}'")
+        self.unet, self.prediction_type = unet, prediction_type
+        ab = alphas_cumprod.double()
+        self.register_buffer("sqrt_ab", ab.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_one_minus_ab", (1 - ab).sqrt().float(), persistent=False)
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kw):
+        out = self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=False, **kw)[0]
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).long().clamp(0, len(self.sqrt_ab) - 1)
+        t = t.expand(sample.shape[0]) if t.numel() == 1 else t
+        shape = (-1,) + (1,) * (sample.dim() - 1)
+        a, s = self.sqrt_ab[t].view(shape).to(out.dtype), self.sqrt_one_minus_ab[t].view(shape).to(out.dtype)
+        eps = a * out + s * sample if self.prediction_type == "v_prediction" else (sample - a * out) / s
+        if not return_dict:
+            return (eps,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=eps)
