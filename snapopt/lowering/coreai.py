@@ -11,6 +11,7 @@ the Neural Engine/GPU happens on Apple hardware at load time and cannot be check
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import io as _io
 import warnings
@@ -70,23 +71,43 @@ def run_asset(asset, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return asyncio.run(go())
 
 
+def _outputs(module, io: ComponentIO) -> list[np.ndarray]:
+    with torch.no_grad():
+        ref = module(*io.example_inputs)
+    return [r.float().numpy().astype(np.float64) for r in (ref if isinstance(ref, tuple) else (ref,))]
+
+
+def _rel(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
+
+
+def compare(asset, io: ComponentIO, *references) -> list[dict[str, float]]:
+    """Run the asset once on the example inputs; per reference module, the worst output's relative error and PSNR
+    (peak |reference| over RMS error, as the Core ML compression rows measure)."""
+    from snapopt.lowering.compression import psnr
+
+    got = run_asset(asset, {n: t.numpy() for n, t in zip(io.input_names, io.example_inputs)})
+    out = []
+    for module in references:
+        ref = _outputs(module, io)
+        pairs = [(got[n].astype(np.float64), r) for n, r in zip(io.output_names, ref)]
+        out.append({"relative_error": max(_rel(g, r) for g, r in pairs),
+                    "psnr_db": min(psnr(torch.from_numpy(r), torch.from_numpy(g)) for g, r in pairs)})
+    return out
+
+
 def relative_error(asset, io: ComponentIO) -> float:
     """Max over outputs of ‖coreai − torch‖/‖torch‖ on the interface's example inputs."""
-    got = run_asset(asset, {n: t.numpy() for n, t in zip(io.input_names, io.example_inputs)})
-    with torch.no_grad():
-        ref = io.module(*io.example_inputs)
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    errs = []
-    for name, r in zip(io.output_names, ref):
-        r = r.float().numpy()
-        g = got[name].astype(np.float64)
-        errs.append(float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-12)))
-    return max(errs)
+    return compare(asset, io, io.module)[0]["relative_error"]
 
 
 def lower_component(pipe: Pipeline, component: str, shapes: Shapes, out_dir: Path, *, name: str | None = None,
-                    io: ComponentIO | None = None, check: bool = True) -> dict[str, Any]:
-    """Convert and save ``<out_dir>/<name>.aimodel``; with ``check``, run it in ``coreai.runtime`` against torch."""
+                    io: ComponentIO | None = None, check: bool = True, compression: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Convert and save ``<out_dir>/<name>.aimodel``; with ``check``, run it in ``coreai.runtime`` against torch.
+
+    With ``compression`` (a :func:`snapopt.lowering.export.compression_plan`), the weights go through coreai-opt
+    first (:mod:`snapopt.lowering.coreai_compress`) and the check also compares the asset with the fp32 torch model
+    (the scheme's quality) and with coreai-opt's torch simulation of the scheme (what the runtime must reproduce)."""
     from snapopt.lowering.apple import apple_io
     from snapopt.lowering.coreml import package_bytes
 
@@ -95,12 +116,29 @@ def lower_component(pipe: Pipeline, component: str, shapes: Shapes, out_dir: Pat
     io = io or apple_io(pipe, component, shapes)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name or PACKAGE_NAMES[component]}.aimodel"
-    asset = convert(io, path)
+    sim = None
+    if compression is not None:
+        from snapopt.lowering import coreai_compress
+
+        calib = None
+        if component == "unet" and coreai_compress.component_plan(compression, component)["scheme"] == "w8a8":
+            calib = coreai_compress.unet_calibration(pipe, io, shapes)
+        module, sim, scheme = coreai_compress.compress_io(io, compression, component, recipe_module=pipe.unet, calibration=calib)
+        asset = convert(dataclasses.replace(io, module=module), path)
+    else:
+        asset = convert(io, path)
     info: dict[str, Any] = {
         "component": component, "package": path.stem, "path": str(path), "bytes": package_bytes(path),
         "inputs": {n: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for n, t in zip(io.input_names, io.example_inputs)},
         "outputs": list(io.output_names),
     }
-    if check:
+    if compression is not None:
+        info["compression"] = scheme
+    if check and sim is not None:
+        fp, simulated = compare(asset, io, io.module, sim)
+        info["coreai_runtime_relative_error"] = fp["relative_error"]
+        info["coreai_runtime_psnr_db"] = round(fp["psnr_db"], 2) if np.isfinite(fp["psnr_db"]) else "inf"
+        info["coreai_runtime_vs_simulation_relative_error"] = simulated["relative_error"]
+    elif check:
         info["coreai_runtime_relative_error"] = relative_error(asset, io)
     return info

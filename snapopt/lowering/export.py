@@ -39,6 +39,8 @@ def compression_plan(spec, targets) -> dict[str, Any]:
             plan = {"scheme": "w8a8", "bits": 8}
         elif c.scheme == "mixed":
             plan = {"scheme": "mixed", "bits": float(c.bits)}
+        elif c.scheme == "int4":
+            plan = {"scheme": "int4", "bits": 4, "block_size": getattr(c, "block_size", 0) or 32}
         else:
             g = c.group_size
             plan = {"scheme": "palettize" if not g else f"palettize_g{g}", "bits": int(c.bits), "group_size": g}
@@ -70,6 +72,45 @@ def compression_plan(spec, targets) -> dict[str, Any]:
                     "refused": f"W8A8 refused: {t.id}'s {t.device.chip.name} computes fp16 on the Neural Engine (int8 "
                                "compute needs A17 Pro or later); int8 weights instead"}
     return {**plan, **opts}
+
+
+def coreai_compression(spec, targets) -> dict[str, Any] | None:
+    """The plan the Core AI assets get: the Core ML one where the recipe or the target asks for compression (or an
+    explicit ``{scheme: fp16}``); None keeps today's fp32 assets."""
+    from snapopt.lowering.spec import CompressionSpec
+
+    comp = compression_plan(spec, targets)
+    if comp["scheme"] == "fp16" and not isinstance(spec.compression, CompressionSpec):
+        return None
+    return comp
+
+
+def coreai_lines(entries: list[dict[str, Any]], plan: dict[str, Any] | None) -> list[str]:
+    """The report's Core AI section: one row per asset, with the compression check when there is one."""
+    head = ("Apple's Core AI assets (coreai-torch), with the Core ML packages' interface names, fp32 inputs and outputs; "
+            "checked by running each in coreai.runtime's Linux interpreter")
+    if plan is None:
+        return [head + ":", ""] + [
+            f"- `{e['file']}`: {', '.join(e['inputs'])} → {', '.join(e['outputs'])}, {e['bytes'] / 1e6:.1f} MB"
+            + (f", coreai.runtime vs torch rel err {e['coreai_runtime_relative_error']:.1e}" if "coreai_runtime_relative_error" in e else "")
+            for e in entries]
+    lines = [head + f". Weights {describe_compression(plan)}, compressed through coreai-opt; fp16 weights and compute "
+             "elsewhere. PSNR / rel err: the asset in coreai.runtime against the fp32 torch model; vs sim: against "
+             "coreai-opt's torch simulation of the same scheme (what the runtime must reproduce).", "",
+             "| asset | scheme | layers | stored bits | MB | PSNR dB | rel err | rel err vs sim |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for e in entries:
+        c = e.get("compression", {})
+        chk = ("–", "–", "–")
+        if "coreai_runtime_psnr_db" in e:
+            p = e["coreai_runtime_psnr_db"]
+            chk = (f"{p:.1f}" if isinstance(p, float) else str(p), f"{e['coreai_runtime_relative_error']:.1e}",
+                   f"{e['coreai_runtime_vs_simulation_relative_error']:.1e}")
+        lines.append(f"| `{e['file']}` | {c.get('scheme', '–')} | {c.get('layers', 0)} | {c.get('weight_bits', 16):g} | "
+                     f"{e['bytes'] / 1e6:.2f} | {chk[0]} | {chk[1]} | {chk[2]} |")
+    lines += [""] + sorted({f"- {e['compression']['scheme']}: {e['compression']['description']}." for e in entries if "compression" in e})
+    if plan.get("refused"):
+        lines.append(f"- {plan['refused']}.")
+    return lines
 
 
 def describe_compression(comp: dict[str, Any]) -> str:
@@ -150,6 +191,11 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
         deployment = target.coreml_deployment_target() if target else None
         result["coreml_deployment_target"] = deployment.name if deployment is not None else "iOS16"
         comp = compression_plan(spec, targets)
+        if comp["scheme"] == "int4":
+            from snapopt.errors import UsageError
+
+            raise UsageError("export.compression: int4 (per-block int4 weights) is a Core AI scheme (coreai-opt); "
+                             "set export.coreml: false or pick palettize/int8/mixed/w8a8 for Core ML")
         if comp["scheme"] in ("mixed", "w8a8") and "unet" in wanted:
             from snapopt.lowering.schemes import prepare_scheme
 
@@ -223,17 +269,26 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
     if spec.coreai and wanted:
         from snapopt.lowering import coreai
 
+        cplan = coreai_compression(spec, targets)
+        if cplan is not None:
+            from snapopt.lowering.coreai_compress import check_plan
+
+            check_plan(cplan)
+            if cplan["scheme"] == "mixed" and "unet" in wanted:
+                if "recipe" in result.get("compression", {}):
+                    cplan = result["compression"]
+                else:
+                    from snapopt.lowering.schemes import prepare_scheme
+
+                    with stage("analyse UNet for mixed compression"):
+                        cplan = prepare_scheme(pipe, shapes, cplan, folder)
+            result["coreai_compression"] = {k: v for k, v in cplan.items() if k not in ("recipe", "act_scales")}
         for c in wanted:
-            with stage(f"lower {c} to Core AI"):
-                info = coreai.lower_component(pipe, c, shapes, folder / "coreai", check=spec.coreai_check)
+            with stage(f"lower {c} to Core AI" + (f" ({cplan['scheme']} through coreai-opt)" if cplan else "")):
+                info = coreai.lower_component(pipe, c, shapes, folder / "coreai", check=spec.coreai_check, compression=cplan)
                 info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
                 result["coreai"].append(info)
-        lines = [f"- `{e['file']}`: {', '.join(e['inputs'])} → {', '.join(e['outputs'])}, {e['bytes'] / 1e6:.1f} MB"
-                 + (f", coreai.runtime vs torch rel err {e['coreai_runtime_relative_error']:.1e}" if "coreai_runtime_relative_error" in e else "")
-                 for e in result["coreai"]]
-        result["sections"].append({"title": "Core AI", "lines": [
-            "Apple's Core AI assets (coreai-torch), with the Core ML packages' interface names, fp32 inputs and outputs; "
-            "checked by running each in coreai.runtime's Linux interpreter:", "", *lines]})
+        result["sections"].append({"title": "Core AI", "lines": coreai_lines(result["coreai"], cplan)})
     if spec.onnx and wanted:
         for c in wanted:
             jobs = [(None, None)]
