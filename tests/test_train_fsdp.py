@@ -1,5 +1,6 @@
 """FSDP2 (train.parallel: fsdp; torch.distributed, gloo, 2 processes on CPU) matches one process at equal
-global batch: losses, the EMA weights handed back to the plain module, and the gathered checkpoint."""
+global batch: losses, the EMA weights handed back to the plain module, and the gathered checkpoint; and
+``gather_into`` (the plain module back from its released host copy) gathers every rank's shard."""
 
 from __future__ import annotations
 
@@ -70,3 +71,38 @@ def test_fsdp_two_processes_match_one(tmp_path):
     assert all(saved["model"][k].shape == weights[k].shape for k in weights)
     n_params = sum(1 for k in weights if k in dict(saved["ema"]))
     assert n_params == len(saved["ema"]) and set(saved["optimizer"]["state"]) == set(range(len(saved["ema"])))
+
+
+def _gather_worker(rank: int, world: int, port: int, out_path: str):
+    """Shard a tiny UNet with release=True, move every rank's shards by (rank + 1), gather back."""
+    from snapopt.models import load_model
+    from snapopt.train import dist, fsdp
+
+    torch.set_num_threads(1)
+    with gloo_rank(rank, world, port):
+        _, device = dist.init("cpu")
+        module = load_model("arch:tiny", seed=0).unet
+        start = {k: v.clone() for k, v in module.state_dict().items()}
+        sharded = fsdp.shard_copy(module, device, release=True)
+        local = {n: p.to_local().numel() for n, p in sharded.named_parameters()}
+        with torch.no_grad():
+            for p in sharded.parameters():
+                p.to_local().add_(rank + 1)
+        fsdp.gather_into(module, sharded, device)
+        if rank == 0:
+            torch.save({"start": start, "after": module.state_dict(), "kind": type(module).__name__,
+                        "local": local, "full": {n: p.numel() for n, p in module.named_parameters()}}, out_path)
+
+
+def test_gather_into_brings_every_shard_back(tmp_path):
+    """gather_into puts every rank's shard (not one rank's, not a sum) into the plain module, which stays plain."""
+    out = tmp_path / "gather.pt"
+    mp.spawn(_gather_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    r = torch.load(out, weights_only=True)
+    assert r["kind"] == "UNet2DConditionModel"  # the pipeline's module is not turned into an FSDP class
+    params = set(r["full"])
+    moved = torch.cat([(r["after"][k] - r["start"][k]).flatten() for k in sorted(params)])
+    assert set(moved.round().unique().tolist()) == {1.0, 2.0}  # rank 0's and rank 1's shards both arrived
+    torch.testing.assert_close(moved, moved.round(), rtol=0, atol=1e-5)
+    assert all(torch.equal(r["after"][k], r["start"][k]) for k in r["start"] if k not in params)  # buffers untouched
+    assert sum(r["local"].values()) < 0.6 * sum(r["full"].values())  # rank 0 held about half the weights
