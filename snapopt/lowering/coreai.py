@@ -139,6 +139,7 @@ def lower_component(pipe: Pipeline, component: str, shapes: Shapes, out_dir: Pat
         info["coreai_runtime_relative_error"] = fp["relative_error"]
         info["coreai_runtime_psnr_db"] = round(fp["psnr_db"], 2) if np.isfinite(fp["psnr_db"]) else "inf"
         info["coreai_runtime_vs_simulation_relative_error"] = simulated["relative_error"]
+        info["simulation_relative_error"] = max(_rel(s, r) for s, r in zip(_outputs(sim, io), _outputs(io.module, io)))
     elif check:
         info["coreai_runtime_relative_error"] = relative_error(asset, io)
     return info

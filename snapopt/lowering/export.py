@@ -95,18 +95,19 @@ def coreai_lines(entries: list[dict[str, Any]], plan: dict[str, Any] | None) -> 
             + (f", coreai.runtime vs torch rel err {e['coreai_runtime_relative_error']:.1e}" if "coreai_runtime_relative_error" in e else "")
             for e in entries]
     lines = [head + f". Weights {describe_compression(plan)}, compressed through coreai-opt; fp16 weights and compute "
-             "elsewhere. PSNR / rel err: the asset in coreai.runtime against the fp32 torch model; vs sim: against "
-             "coreai-opt's torch simulation of the same scheme (what the runtime must reproduce).", "",
-             "| asset | scheme | layers | stored bits | MB | PSNR dB | rel err | rel err vs sim |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "elsewhere. PSNR / rel err: the asset in coreai.runtime against the fp32 torch model; sim rel err: coreai-opt's "
+             "torch simulation of the scheme against fp32 torch; runtime vs sim: the asset against that simulation.", "",
+             "| asset | scheme | layers | stored bits | MB | PSNR dB | rel err | sim rel err | runtime vs sim |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for e in entries:
         c = e.get("compression", {})
-        chk = ("–", "–", "–")
+        chk = ("–", "–", "–", "–")
         if "coreai_runtime_psnr_db" in e:
             p = e["coreai_runtime_psnr_db"]
             chk = (f"{p:.1f}" if isinstance(p, float) else str(p), f"{e['coreai_runtime_relative_error']:.1e}",
-                   f"{e['coreai_runtime_vs_simulation_relative_error']:.1e}")
+                   f"{e['simulation_relative_error']:.1e}", f"{e['coreai_runtime_vs_simulation_relative_error']:.1e}")
         lines.append(f"| `{e['file']}` | {c.get('scheme', '–')} | {c.get('layers', 0)} | {c.get('weight_bits', 16):g} | "
-                     f"{e['bytes'] / 1e6:.2f} | {chk[0]} | {chk[1]} | {chk[2]} |")
+                     f"{e['bytes'] / 1e6:.2f} | " + " | ".join(chk) + " |")
     lines += [""] + sorted({f"- {e['compression']['scheme']}: {e['compression']['description']}." for e in entries if "compression" in e})
     if plan.get("refused"):
         lines.append(f"- {plan['refused']}.")
@@ -174,6 +175,11 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
     if spec.coreai:
         result["coreai"] = []
     targets = list(resolved.targets)
+    cplan = coreai_compression(spec, targets) if spec.coreai and wanted else None
+    if cplan is not None:  # a scheme Core AI cannot lower fails before any lowering starts
+        from snapopt.lowering.coreai_compress import check_plan
+
+        check_plan(cplan)
     chunked, plan = False, None
     if "unet" in wanted and (spec.coreml or spec.onnx):
         comp = compression_plan(spec, targets)
@@ -269,11 +275,7 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
     if spec.coreai and wanted:
         from snapopt.lowering import coreai
 
-        cplan = coreai_compression(spec, targets)
         if cplan is not None:
-            from snapopt.lowering.coreai_compress import check_plan
-
-            check_plan(cplan)
             if cplan["scheme"] == "mixed" and "unet" in wanted:
                 if "recipe" in result.get("compression", {}):
                     cplan = result["compression"]
