@@ -65,8 +65,9 @@ def main() -> None:
         for r in run["assets"]:
             c = r.get("compression", {})
             psnr = r.get("coreai_runtime_psnr_db", float("nan"))
-            print(f"{name:11s} {r['package']:12s} {c.get('scheme', 'fp32'):10s} {c.get('weight_bits', 32):5g} {r['bytes'] / 1e6:7.2f} "
+            print(f"{name:11s} {r['package']:12s} {c.get('scheme', 'fp32'):10s} {c.get('measured_bits', c.get('weight_bits', 32)):5.2f} {r['bytes'] / 1e6:7.2f} "
                   f"{r['bytes'] / fp16[r['package']]:6.2f} {float(psnr):8.1f} {r['coreai_runtime_relative_error']:9.1e} "
+                  f"{r.get('simulation_relative_error', float('nan')):9.1e} "
                   f"{r.get('coreai_runtime_vs_simulation_relative_error', float('nan')):9.1e}")
         print(f"{name:11s} {run['seconds']:.0f} s")
     RESULTS.mkdir(parents=True, exist_ok=True)

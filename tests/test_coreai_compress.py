@@ -54,7 +54,9 @@ def test_compressed_unet_is_smaller_than_fp16_and_runs_as_simulated(small, fp16_
     before = [p.detach().clone() for p in small.unet.parameters()]
     info = coreai.lower_component(small, "unet", Shapes(resolution=small.resolution, batch=2), tmp_path, compression=plan)
     assert (tmp_path / "Unet.aimodel").is_dir()
-    assert info["compression"]["scheme"] == plan["scheme"] and info["compression"]["layers"] > 0
+    c = info["compression"]
+    assert c["scheme"] == plan["scheme"] and c["layers"] > 0 and c["layers_compressed"] == c["layers"], c
+    assert c["weight_bits"] <= c["measured_bits"] < c["weight_bits"] + 1.5, c  # LUT / scale overhead
     assert info["bytes"] < 0.75 * fp16_unet["bytes"], (info["bytes"], fp16_unet["bytes"])
     assert info["outputs"] == ["noise_pred"] and info["inputs"]["sample"]["dtype"] == "float32"
     # the runtime executes the compressed ops as coreai-opt simulates them, fp16 compute aside; W8A8's int8
@@ -87,12 +89,16 @@ def _lower(pipe, folder, **export):
 
 def test_export_compresses_every_component_and_reports_rows(small, tmp_path):
     result = _lower(small, tmp_path / "exports", components=["vae_decoder", "text_encoder"],
-                    compression={"scheme": "palettize", "bits": 6})
-    assert result["coreai_compression"]["scheme"] == "palettize" and result["coreai_compression"]["bits"] == 6
+                    compression={"scheme": "palettize", "bits": 6, "group_size": 64})
+    assert result["coreai_compression"]["scheme"] == "palettize_g64" and result["coreai_compression"]["bits"] == 6
     got = {e["package"]: e for e in result["coreai"]}
     assert set(got) == {"VAEDecoder", "TextEncoder"}
+    assert "2 layers whose channels 64 does not divide" in got["TextEncoder"]["compression"]["description"]  # mlp.fc2: 32
+    assert "2 embedding tables stay fp16" in got["TextEncoder"]["compression"]["description"]
     for e in got.values():
-        assert e["compression"]["weight_bits"] == 6 and np.isfinite(e["coreai_runtime_psnr_db"])
+        c = e["compression"]
+        assert c["weight_bits"] == 6 and np.isfinite(e["coreai_runtime_psnr_db"])
+        assert c["layers_compressed"] == c["layers"] > 0, c  # a layer 64 does not divide gets one LUT, not skipped
         assert e["coreai_runtime_vs_simulation_relative_error"] < 0.02, e
     lines = next(s["lines"] for s in result["sections"] if s["title"] == "Core AI")
     assert sum(1 for line in lines if line.startswith("| `exports/coreai/")) == 2

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from snapopt.errors import LoweringError
+from snapopt.errors import LoweringError, UsageError
 from snapopt.lowering.interfaces import PACKAGE_NAMES, ComponentIO, Shapes
 from snapopt.models.pipeline import Pipeline
 
@@ -123,7 +123,13 @@ def lower_component(pipe: Pipeline, component: str, shapes: Shapes, out_dir: Pat
         calib = None
         if component == "unet" and coreai_compress.component_plan(compression, component)["scheme"] == "w8a8":
             calib = coreai_compress.unet_calibration(pipe, io, shapes)
-        module, sim, scheme = coreai_compress.compress_io(io, compression, component, recipe_module=pipe.unet, calibration=calib)
+        try:
+            module, sim, scheme = coreai_compress.compress_io(io, compression, component, recipe_module=pipe.unet, calibration=calib)
+        except (LoweringError, UsageError):
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise LoweringError(f"compressing '{component}' for Core AI ({compression['scheme']}, coreai-opt) failed: {first}") from exc
         asset = convert(dataclasses.replace(io, module=module), path)
     else:
         asset = convert(io, path)

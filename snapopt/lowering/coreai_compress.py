@@ -8,8 +8,9 @@ coreai-torch lowers to Core AI's ``lut_to_dense`` / ``blockwise_shift_scale`` (a
 The compressed asset is fp16 (weights and compute, as Core ML's FLOAT16 compute precision) with fp32 inputs and
 outputs, so it keeps the interface of the uncompressed ``.aimodel``.
 
-Scheme → coreai-opt (same layers as Core ML: conv/linear/embedding weights of at least
-:data:`snapopt.lowering.compression.WEIGHT_THRESHOLD` elements):
+Scheme → coreai-opt (the layers Core ML's weight_threshold picks: conv/linear/embedding weights of at least
+:data:`snapopt.lowering.compression.WEIGHT_THRESHOLD` elements; palettization leaves embeddings fp16, because
+coreai-opt 0.4.0's KMeansPalettizer registers conv/linear/attention ops only):
 
 * ``palettize`` 4/6/8 bits: ``KMeansPalettizerConfig.presets.w4/w6/w8`` (4/6: one LUT per 16 output channels;
   8: per tensor); a recipe ``group_size`` gives one LUT per that many channels; 1/2/3 bits: per tensor.
@@ -104,13 +105,13 @@ def weight_layers(module: nn.Module, threshold: int = WEIGHT_THRESHOLD) -> dict[
             if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)) and m.weight.numel() >= threshold}
 
 
-def _palette_config(opt, bits: int, group_size: int = 0):
+def _palette_config(bits: int, group_size: int = 0, per_tensor: bool = False):
     """Module palettization config: coreai-opt's preset for 4/6/8 bits, else an explicit spec."""
     from coreai_opt.palettization import ModuleKMeansPalettizerConfig, PalettizationSpec
     from coreai_opt.palettization.config.palettization_config import OpKMeansPalettizerConfig
     from coreai_opt.palettization.spec import PerGroupedChannelGranularity, PerTensorGranularity
 
-    if not group_size and bits in (4, 6):
+    if not group_size and bits in (4, 6) and not per_tensor:
         return getattr(ModuleKMeansPalettizerConfig.presets, f"w{bits}")()
     if not group_size and bits == 8:
         return ModuleKMeansPalettizerConfig.presets.w8()
@@ -124,7 +125,7 @@ def _only(config, names: Iterable[str]):
     return config.only_for([re.escape(n) for n in names])
 
 
-def build_compressor(opt, module: nn.Module, plan: dict[str, Any], names: list[str], *, recipe_names: dict[str, str] | None = None):
+def build_compressor(module: nn.Module, plan: dict[str, Any], names: list[str], *, recipe_names: dict[str, str] | None = None):
     """(compressor, needs_calibration, description) for ``plan`` on ``module``'s ``names`` layers."""
     from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig
     from coreai_opt.quantization import ExecutionMode, Quantizer, QuantizerConfig
@@ -134,9 +135,12 @@ def build_compressor(opt, module: nn.Module, plan: dict[str, Any], names: list[s
     if s == "palettize":
         bits, g = int(plan["bits"]), int(plan.get("group_size") or 0)
         cfg = KMeansPalettizerConfig(global_config=None)
-        for n in names:
-            cfg.set_module_name(re.escape(n), _palette_config(opt, bits, g))
-        gran = f"one LUT per {g} output channels" if g else ("one LUT per 16 output channels" if bits in (4, 6) else "one LUT per tensor")
+        group = g or (16 if bits in (4, 6) else 0)
+        per_tensor = [n for n in names if group and dict(module.named_modules())[n].weight.shape[0] % group]
+        for n in names:  # a layer whose channels the LUT group does not divide gets one LUT (coreai-opt would skip it)
+            cfg.set_module_name(re.escape(n), _palette_config(bits, 0 if n in per_tensor else g, per_tensor=n in per_tensor))
+        gran = f"one LUT per {group} output channels" if group else "one LUT per tensor"
+        gran += f" ({len(per_tensor)} layers whose channels {group} does not divide: one LUT)" if per_tensor else ""
         how = f"KMeansPalettizerConfig.presets.w{bits}()" if not g and bits in (4, 6, 8) else f"PalettizationSpec(n_bits={bits})"
         return KMeansPalettizer(module, cfg), False, f"{bits}-bit k-means palettization, {gran} ({how})"
     if s == "mixed":
@@ -146,12 +150,13 @@ def build_compressor(opt, module: nn.Module, plan: dict[str, Any], names: list[s
             name = (recipe_names or {}).get(lname)
             if name is None or bits >= 16:
                 continue
-            cfg.set_module_name(re.escape(name), _palette_config(opt, int(bits), 0))
+            cfg.set_module_name(re.escape(name), _palette_config(int(bits), 0))
             widths[int(bits)] = widths.get(int(bits), 0) + 1
         return KMeansPalettizer(module, cfg), False, (f"mixed-bit palettization, {plan['bits']:g} bits average "
                                                       f"(layers per width {dict(sorted(widths.items()))})")
     if s == "int8":
-        return Quantizer(module, _only(QuantizerConfig.presets.w8(execution_mode=eager), names)), False, "int8 weights per output channel (QuantizerConfig.presets.w8())"
+        return (Quantizer(module, _only(QuantizerConfig.presets.w8(execution_mode=eager), names)), False,
+                "int8 weights per output channel (QuantizerConfig.presets.w8())")
     if s == "int4":
         block = int(plan.get("block_size") or INT4_BLOCK)
         return (Quantizer(module, _only(QuantizerConfig.presets.w4_per_block(block_size=block, execution_mode=eager), names)), False,
@@ -189,14 +194,18 @@ def compress_io(io, plan: dict[str, Any], component: str, *, recipe_module: nn.M
     keep = [i for i, n in enumerate(io.input_names) if n == "input_ids"]
     module = copy.deepcopy(io.module).eval()
     if scheme_name(plan) == "fp16":
-        return HalfIO(copy.deepcopy(module), keep).eval(), HalfIO(module, keep).eval(), {"scheme": "fp16", "description": "fp16 weights and compute",
-                                                     "layers": 0, "weight_bits": 16.0}
+        info = {"scheme": "fp16", "description": "fp16 weights and compute", "layers": 0, "weight_bits": 16.0}
+        return HalfIO(copy.deepcopy(module), keep).eval(), HalfIO(module, keep).eval(), info
     layers = weight_layers(module)
+    kept = []
+    if scheme_name(plan) in ("palettize", "mixed"):  # coreai-opt 0.4.0's KMeansPalettizer registers conv/linear ops only
+        kept = [n for n, m in layers.items() if isinstance(m, nn.Embedding)]
+        layers = {n: m for n, m in layers.items() if n not in kept}
     recipe_names = None
     if scheme_name(plan) == "mixed" and recipe_module is not None:
         by_id = {id(m): n for n, m in io.module.named_modules()}
         recipe_names = {ln: by_id[id(m)] for ln, m in recipe_module.named_modules() if id(m) in by_id}
-    compressor, calibrate, description = build_compressor(opt, module, plan, list(layers), recipe_names=recipe_names)
+    compressor, calibrate, description = build_compressor(module, plan, list(layers), recipe_names=recipe_names)
     with quiet(), torch.no_grad():
         prepared = compressor.prepare(io.example_inputs)
         if calibrate:
@@ -205,8 +214,10 @@ def compress_io(io, plan: dict[str, Any], component: str, *, recipe_module: nn.M
                     prepared(*batch)
         sim = copy.deepcopy(prepared)
         final = compressor.finalize(backend=opt.ExportBackend.CoreAI)
+    if kept:
+        description += f"; {len(kept)} embedding tables stay fp16 (coreai-opt's palettizer handles conv/linear only)"
     info = {"scheme": plan["scheme"], "description": description, "layers": len(layers),
-            "weight_bits": stored_bits(plan, layers, recipe_names)}
+            "weight_bits": stored_bits(plan, layers, recipe_names), **measured_bits(sim, layers)}
     if calibrate:
         info["calibration_batches"] = len(calibration or [io.example_inputs])
     return HalfIO(final, keep).eval(), sim.eval(), info
@@ -223,6 +234,23 @@ def stored_bits(plan: dict[str, Any], layers: dict[str, nn.Module], recipe_names
         width = {recipe_names.get(ln, ln) if recipe_names else ln: b for ln, b in plan["recipe"].items()}
         return sum(min(width.get(n, 16), 16) * k for n, k in sizes.items()) / total
     return float({"int8": 8, "w8a8": 8, "int4": 4}.get(s, plan.get("bits", 16)))
+
+
+def measured_bits(prepared: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
+    """coreai-opt's own count (``inspection.bits_per_weight``) over the chosen layers: bits per weight with the
+    LUT / scale overhead (and the fp32 bias), and how many layers it really compressed (it skips, e.g., a layer
+    whose channels a LUT group does not divide)."""
+    from coreai_opt.inspection import bits_per_weight
+
+    try:
+        per = bits_per_weight(prepared).per_module_map
+    except NotImplementedError:
+        return {}
+    sizes = {n: m.weight.numel() for n, m in layers.items() if n in per}
+    if not sizes:
+        return {}
+    return {"measured_bits": round(sum(per[n] * k for n, k in sizes.items()) / sum(sizes.values()), 3),
+            "layers_compressed": sum(1 for n in sizes if per[n] < 16)}
 
 
 def unet_calibration(pipe, io, shapes) -> list[tuple]:

@@ -96,8 +96,9 @@ def coreai_lines(entries: list[dict[str, Any]], plan: dict[str, Any] | None) -> 
             for e in entries]
     lines = [head + f". Weights {describe_compression(plan)}, compressed through coreai-opt; fp16 weights and compute "
              "elsewhere. PSNR / rel err: the asset in coreai.runtime against the fp32 torch model; sim rel err: coreai-opt's "
-             "torch simulation of the scheme against fp32 torch; runtime vs sim: the asset against that simulation.", "",
-             "| asset | scheme | layers | stored bits | MB | PSNR dB | rel err | sim rel err | runtime vs sim |",
+             "torch simulation of the scheme against fp32 torch; runtime vs sim: the asset against that simulation; "
+             "bits/weight: coreai-opt's count over the compressible layers, LUT/scale overhead included.", "",
+             "| asset | scheme | layers compressed | bits/weight | MB | PSNR dB | rel err | sim rel err | runtime vs sim |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for e in entries:
         c = e.get("compression", {})
@@ -106,7 +107,8 @@ def coreai_lines(entries: list[dict[str, Any]], plan: dict[str, Any] | None) -> 
             p = e["coreai_runtime_psnr_db"]
             chk = (f"{p:.1f}" if isinstance(p, float) else str(p), f"{e['coreai_runtime_relative_error']:.1e}",
                    f"{e['simulation_relative_error']:.1e}", f"{e['coreai_runtime_vs_simulation_relative_error']:.1e}")
-        lines.append(f"| `{e['file']}` | {c.get('scheme', '–')} | {c.get('layers', 0)} | {c.get('weight_bits', 16):g} | "
+        layers = f"{c['layers_compressed']}/{c['layers']}" if "layers_compressed" in c else str(c.get("layers", 0))
+        lines.append(f"| `{e['file']}` | {c.get('scheme', '–')} | {layers} | {c.get('measured_bits', c.get('weight_bits', 16)):g} | "
                      f"{e['bytes'] / 1e6:.2f} | " + " | ".join(chk) + " |")
     lines += [""] + sorted({f"- {e['compression']['scheme']}: {e['compression']['description']}." for e in entries if "compression" in e})
     if plan.get("refused"):
