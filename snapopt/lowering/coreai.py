@@ -67,8 +67,31 @@ def run_asset(asset, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out = await fn({k: NDArray(np.ascontiguousarray(v)) for k, v in feeds.items()})
             return {k: v.numpy() for k, v in out.items()}
 
-    with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(_io.StringIO()):
+    with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(_io.StringIO()), _native_output_silenced():
         return asyncio.run(go())
+
+
+@contextlib.contextmanager
+def _native_output_silenced():
+    """The runtime's interpreter prints "ODIE [default]: Loading function 'main'" from native code, past
+    ``sys.stdout``: point file descriptors 1 and 2 at /dev/null while it runs (Python exceptions still propagate)."""
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 def _outputs(module, io: ComponentIO) -> list[np.ndarray]:
