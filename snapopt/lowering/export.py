@@ -57,6 +57,8 @@ def compression_plan(spec, targets) -> dict[str, Any]:
             plan = {"scheme": "int8", "bits": 8, "source": "recipe export.compression"}
         elif c == "w8a8":
             plan = {"scheme": "w8a8", "bits": 8, "source": "recipe export.compression"}
+        elif c == "int4":
+            plan = {"scheme": "int4", "bits": 4, "block_size": 32, "source": "recipe export.compression"}
         elif c == "mixed":
             plan = {"scheme": "mixed", "bits": float(bits), "source": "recipe export.compression + weight_bits"}
         elif bits >= 16:
