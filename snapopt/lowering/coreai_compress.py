@@ -246,8 +246,8 @@ def stored_bits(plan: dict[str, Any], layers: dict[str, nn.Module], recipe_names
 
 def measured_bits(prepared: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
     """coreai-opt's own count (``inspection.bits_per_weight``) over the chosen layers: bits per weight with the
-    LUT / scale overhead (and the fp32 bias), and how many layers it really compressed (it skips, e.g., a layer
-    whose channels a LUT group does not divide)."""
+    LUT / scale overhead (and the bias, counted at fp32), and how many layers it really compressed (it skips, e.g., a
+    layer whose channels a LUT group does not divide)."""
     from coreai_opt.inspection import bits_per_weight
 
     try:
@@ -257,7 +257,8 @@ def measured_bits(prepared: nn.Module, layers: dict[str, nn.Module]) -> dict[str
     sizes = {n: m.weight.numel() for n, m in layers.items() if n in per}
     if not sizes:
         return {}
-    return {"measured_bits": round(sum(per[n] * k for n, k in sizes.items()) / sum(sizes.values()), 3),
+    stored = {n: per[n] if per[n] < 16 else 16.0 for n in sizes}  # an uncompressed layer is fp16 in the asset (fp32 here)
+    return {"measured_bits": round(sum(stored[n] * k for n, k in sizes.items()) / sum(sizes.values()), 3),
             "layers_compressed": sum(1 for n in sizes if per[n] < 16), "fp16_layers": [n for n in sizes if per[n] >= 16]}
 
 
