@@ -11,6 +11,11 @@ Python API entry points::
 
 from __future__ import annotations
 
+import logging as _logging
+
+# torchao (pulled in by coreai-opt) logs "Skipping import of cpp extensions" on CPU torch when diffusers imports it.
+_logging.getLogger("torchao").setLevel(_logging.ERROR)
+
 __version__ = "0.1.0"
 
 from pathlib import Path

@@ -293,6 +293,8 @@ def export(
     resolution: Optional[int] = typer.Option(None),
     batch: int = typer.Option(2),
     weight_bits: int = typer.Option(16, help="16 for fp16 weights; 1-8 palettizes Core ML weights"),
+    compression: str = typer.Option("auto", help="auto, none, palettize, int8, int4 (Core AI only), mixed, w8a8 "
+                                                 "(width from --weight-bits; see docs/apple-runtime.md)"),
     as_json: bool = typer.Option(False, "--json", help="print the written files as JSON"),
 ):
     """Lower a model to Core ML packages (Apple's interface names) and/or checked ONNX, with no passes."""
@@ -306,7 +308,7 @@ def export(
     resolved = validate_recipe({
         "name": "export", "model": model, "resolution": resolution, "batch": batch, "targets": [target],
         "export": {"coreml": "coreml" in formats, "onnx": "onnx" in formats, "coreai": "coreai" in formats, "components": _components(component),
-                   "weight_bits": weight_bits},
+                   "weight_bits": weight_bits, "compression": compression},
         "output": {"save_model": False},
     })
     check_output_dir(out, expected_bytes=_expected_output_bytes(resolved))

@@ -38,6 +38,8 @@ def _lines(text: str) -> list[str]:
     (["train", "spec.yaml", "--out", "o", "--bogus"], "No such option: --bogus"),
     (["train", "spec.yaml", "--out", "o", "--steps", "0"], "'--steps'"),
     (["--nope"], "No such option: --nope"),
+    (["export", "arch:tiny", "--out", "x", "--format", "coreml", "--compression", "int4"], "int4 (per-block int4 weights) is a Core AI scheme"),
+    (["export", "arch:tiny", "--out", "x", "--compression", "int5"], "export.compression"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, fragment, tmp_path):
     proc = _run(args, tmp_path)

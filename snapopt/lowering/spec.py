@@ -10,7 +10,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Component = Literal["unet", "vae_decoder", "vae_encoder", "text_encoder"]
-Compression = Literal["auto", "none", "palettize", "int8", "mixed", "w8a8"]
+Compression = Literal["auto", "none", "palettize", "int8", "int4", "mixed", "w8a8"]
 
 
 class CompressionSpec(BaseModel):
@@ -19,9 +19,10 @@ class CompressionSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    scheme: Literal["fp16", "palettize", "int8", "mixed", "w8a8"]
+    scheme: Literal["fp16", "palettize", "int8", "int4", "mixed", "w8a8"]
     bits: Optional[float] = Field(None, description="palettize: 1/2/4/6/8 bits; mixed: target average bits (1-8)")
     group_size: int = Field(0, ge=0, description="palettize: one LUT per N output channels (iOS 18+)")
+    block_size: int = Field(32, ge=1, description="int4: input channels per scale block (Core AI only)")
     quality: Literal["psnr", "eval"] = Field(
         "psnr", description="psnr: UNet output PSNR vs fp with the scheme's weights simulated in torch; eval: also "
         "FID / CLIP / attributes on held-out snapshapes prompts (zoo:snapshapes models; costs CPU minutes)")
@@ -34,7 +35,7 @@ class CompressionSpec(BaseModel):
             raise ValueError(f"compression.bits: palettize needs 1, 2, 3, 4, 6 or 8 bits (got {self.bits})")
         if self.scheme == "mixed" and not (self.bits is not None and 1 <= self.bits <= 8):
             raise ValueError(f"compression.bits: mixed needs a target average between 1 and 8 bits (got {self.bits})")
-        if self.scheme in ("fp16", "int8", "w8a8") and self.bits is not None:
+        if self.scheme in ("fp16", "int8", "int4", "w8a8") and self.bits is not None:
             raise ValueError(f"compression.bits: {self.scheme} has a fixed width; remove bits")
         return self
 
@@ -51,7 +52,7 @@ class ExportSpec(BaseModel):
         "auto", description="Core ML weight compression: auto (palettize when weight_bits < 16, else the target profile's "
         "weight_bits), none, palettize (k-means LUT, weight_bits), int8 (linear int8 weights), mixed (per-layer "
         "palettization widths averaging weight_bits, from a sensitivity analysis), w8a8 (int8 weights and activations: "
-        "A17 Pro and later only), or {scheme: ..., bits: ...} (see docs/apple-runtime.md)")
+        "A17 Pro and later only), int4 (per-block int4 weights: Core AI only), or {scheme: ..., bits: ...} (see docs/apple-runtime.md)")
     palettize_group_size: int = Field(0, ge=0, description="0: one LUT per tensor; N: one LUT per N output channels "
                                       "(per-grouped-channel palettization, iOS 18+)")
     chunk_unet: Union[bool, Literal["auto"]] = Field(
@@ -83,4 +84,8 @@ class ExportSpec(BaseModel):
             raise ValueError("compression: mixed needs weight_bits 1-8 (the target average), or {scheme: mixed, bits: N}")
         if not (self.weight_bits == 16 or 1 <= self.weight_bits <= 8):
             raise ValueError(f"weight_bits: {self.weight_bits} is neither 16 (fp16) nor a palettization width 1-8")
+        scheme = self.compression.scheme if isinstance(self.compression, CompressionSpec) else self.compression
+        if scheme == "int4" and self.coreml:
+            raise ValueError("compression: int4 (per-block int4 weights) is a Core AI scheme (coreai-opt); set coreml: false "
+                             "and coreai: true, or pick palettize/int8/mixed/w8a8 for Core ML")
         return self
