@@ -321,3 +321,27 @@ def test_export_report_measures_the_scheme_and_the_memory_fit(export):
     fit = result["memory_fit"]["targets"][0]
     assert fit["target"] == "iphone-14-pro" and fit["ram_gb"] == 6 and fit["fits_resident"]
     assert fit["components"]["unet"]["weights_mb"] > 0
+
+
+def test_v_prediction_unet_ships_as_epsilon_and_passes_the_check(micro, tmp_path):
+    """A v-prediction student (step distillation) is exported with the exact v -> epsilon re-expression inside the
+    Unet package, so Swift's epsilon schedulers sample it; the metadata says so and `check apple` passes."""
+    from snapopt.lowering.apple import app_settings, apple_io
+    from snapopt.lowering.interfaces import component_io
+
+    pipe = micro.clone()
+    pipe.prediction_type = "v_prediction"
+    shapes = Shapes(resolution=pipe.resolution, batch=2)
+    raw, apple = component_io(pipe, "unet", shapes), apple_io(pipe, "unet", shapes)
+    sample, timestep = raw.example_inputs[0], raw.example_inputs[1]
+    ab = torch.as_tensor(pipe.scheduler.alphas_cumprod)[timestep.long()].view(-1, 1, 1, 1).float()
+    with torch.no_grad():
+        v, eps = raw.module(*raw.example_inputs), apple.module(*apple.example_inputs)
+    torch.testing.assert_close(eps, ab.sqrt() * v + (1 - ab).sqrt() * sample, rtol=1e-5, atol=1e-6)
+    settings = app_settings(pipe)
+    assert settings["prediction_type"] == "epsilon" and settings["model_prediction_type"] == "v_prediction"
+
+    result = _lower(pipe, tmp_path / "exports", onnx=False, components=["unet", "vae_decoder", "text_encoder"])
+    assert result["apple_check"]["passed"], result["apple_check"]["problems"]
+    with pytest.raises(Exception, match="cannot chunk a v_prediction UNet"):
+        _lower(pipe, tmp_path / "chunked", onnx=False, chunk_unet=True, components=["unet"])

@@ -110,10 +110,20 @@ class AppleTextEncoder(nn.Module):
         return out.last_hidden_state, out.pooler_output
 
 
+def epsilon_unet(pipe: Pipeline) -> nn.Module:
+    """The UNet re-expressed to output epsilon (exact, elementwise): Swift's schedulers read the UNet's output as
+    epsilon, so a v-prediction student (SnapFusion's step distillation) ships with the conversion inside the package."""
+    from snapopt.train.diffusion import EpsilonOutput
+
+    return EpsilonOutput(pipe.unet, torch.as_tensor(pipe.scheduler.alphas_cumprod), pipe.prediction_type).eval()
+
+
 def apple_io(pipe: Pipeline, component: str, shapes: Shapes, *, seed: int = 0) -> ComponentIO:
     """The component as Apple's Swift pipeline calls it: same names as :func:`component_io`, with the latent
     scale folded into the VAE halves, an 8-channel encoder output and float32 token ids."""
     io = component_io(pipe, component, shapes, seed=seed)
+    if component == "unet" and pipe.prediction_type != "epsilon":
+        io.module.unet = epsilon_unet(pipe)
     if component == "vae_decoder":
         io.module = AppleVAEDecoder(io.module.vae_decoder, scale_ratio(pipe)).eval()
     elif component == "vae_encoder":
@@ -142,7 +152,9 @@ def app_settings(pipe: Pipeline, tokenizer_report: dict[str, Any] | None = None,
         "decoderScaleFactor": swift_scale,
         "scheduler": recommended_scheduler(pipe),
         "schedulerType": SWIFT_SCHEDULERS[recommended_scheduler(pipe)],
-        "prediction_type": pipe.prediction_type,
+        # what the exported Unet outputs: a v / x0 model is re-expressed as epsilon inside the package (apple_io)
+        "prediction_type": "epsilon",
+        "model_prediction_type": pipe.prediction_type,
         "guidanceScale": SWIFT_DEFAULTS["guidance_scale"],
         "resolution": pipe.resolution,
         "unet_batch": unet_batch,
@@ -171,6 +183,9 @@ def app_lines(settings: dict[str, Any], tokenizer_report: dict[str, Any] | None,
                  f"{settings['unet_batch']} ({how}).")
     if settings["prediction_type"] != "epsilon":
         lines.append(f"- Prediction type is {settings['prediction_type']}: Swift's schedulers assume epsilon; this model will not sample correctly.")
+    elif settings.get("model_prediction_type", "epsilon") != "epsilon":
+        lines.append(f"- Prediction type: the model predicts {settings['model_prediction_type']}; the exported Unet re-expresses it as "
+                     "epsilon (exact, alpha-bar table inside the package), so Swift's schedulers need no change.")
     if tokenizer_report is not None:
         if tokenizer_report.get("swift_agrees_raw"):
             lines.append("- Tokenizer: Swift's whitespace-only BPE gives the model's token ids on "

@@ -189,6 +189,11 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
         comp = compression_plan(spec, targets)
         chunked, why = should_chunk(spec, pipe.unet, comp["bits"], targets)
         result["unet_chunking"] = {"chunked": chunked, "reason": why}
+        if chunked and pipe.prediction_type != "epsilon":
+            from snapopt.errors import LoweringError
+
+            raise LoweringError(f"cannot chunk a {pipe.prediction_type} UNet: its epsilon re-expression needs sample and timestep in "
+                                "the last chunk, which UnetChunk2 does not take; export it unchunked (export.chunk_unet: false)")
         if chunked:
             from snapopt.lowering.chunking import compose_error, plan_chunks
 
