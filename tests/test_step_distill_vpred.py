@@ -181,13 +181,23 @@ def test_bad_stage_options_are_one_line_errors(tiny_pipe):
         run_step_distill(tiny_pipe, tiny_pipe.clone(["unet"]), job, None)
 
 
-def test_recipe_runs_snapfusions_chain_of_teachers():
-    """recipes/snapfusion-train.yaml: a 32 -> 16 step-distilled v teacher, then the student 16 -> 8 as v."""
-    from snapopt.recipe import load_recipe
+def test_recipe_takes_snapfusions_chain_of_teachers():
+    """recipes/snapfusion-train.yaml with its step_distill stage switched to SnapFusion's variant (a 32 -> 16
+    step-distilled v teacher, then the student 16 -> 8 as v, both re-expressed first) validates as a recipe."""
+    import copy
 
-    r = load_recipe(ROOT / "recipes" / "snapfusion-train.yaml")
-    sd = [p for p in r.passes if p.name == "step_distill"][0].options
-    assert sd.loss.student_prediction == "v_prediction" and sd.loss.teacher_steps == 16 and sd.reparametrise is not None
+    from snapopt.checks.files import load_yaml_file
+    from snapopt.recipe import validate_recipe
+
+    data = load_yaml_file(ROOT / "recipes" / "snapfusion-train.yaml", "recipe")
+    stage = [p for p in data["passes"] if p["pass"] == "step_distill"][0]["options"]
+    warm = {**stage["train"], "steps": 1000, "optim": {"lr": 2.0e-4, "schedule": "cosine", "warmup_steps": 50}}
+    stage["reparametrise"] = warm
+    stage["loss"] = {**stage["loss"], "student_prediction": "v_prediction"}
+    stage["teacher_distill"] = {"train": copy.deepcopy(stage["train"]), "reparametrise": warm,
+                                "loss": {**stage["loss"], "teacher_steps": 32, "grid": "halved"}}
+    sd = [p for p in validate_recipe(data, check_model=False).passes if p.name == "step_distill"][0].options
+    assert sd.loss.student_prediction == "v_prediction" and sd.loss.teacher_steps == 16 and sd.reparametrise.steps == 1000
     td = sd.teacher_distill
     assert td.loss.teacher_steps == 32 and td.loss.grid == "halved" and td.loss.student_prediction == "v_prediction"
 
