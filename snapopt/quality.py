@@ -76,8 +76,14 @@ def text_context(pipe: Pipeline, prompts: list[str], gen: torch.Generator) -> to
 
 
 def _unet(pipe: Pipeline, x) -> torch.Tensor:
+    """The UNet's output as epsilon, so a v-prediction student is compared with an epsilon teacher like for like."""
     with torch.no_grad():
-        return pipe.unet(x[0], x[1], x[2], return_dict=False)[0].float()
+        out = pipe.unet(x[0], x[1], x[2], return_dict=False)[0].float()
+    if pipe.prediction_type != "epsilon":
+        from snapopt.train.diffusion import Schedule
+
+        out = Schedule(pipe.scheduler, pipe.prediction_type).to_x0_eps(out, x[0].float(), x[1])[1]
+    return out
 
 
 # ---- quality retained: the final pipeline against the input model --------------------------------------------

@@ -225,3 +225,27 @@ def test_epsilon_output_re_expresses_a_v_unet_exactly(tiny_pipe):
     torch.testing.assert_close(as_eps.step(eps[:1], 876, x[:1]).prev_sample, as_v.step(v[:1], 876, x[:1]).prev_sample, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="not 'epsilon'"):
         EpsilonOutput(tiny_pipe.unet, tiny_pipe.scheduler.alphas_cumprod, "epsilon")
+
+
+def test_teacher_distance_compares_a_v_student_as_epsilon(tiny_pipe, tiny_shapes):
+    """The report's teacher distance reads every UNet as epsilon: the teacher's own function, output as v, is at
+    distance ~0 from it (raw outputs would be far apart)."""
+    from snapopt.quality import TeacherDistance
+    from snapopt.train.diffusion import Schedule
+
+    class AsV(torch.nn.Module):
+        def __init__(self, unet, scheduler):
+            super().__init__()
+            self.unet, self.config = unet, unet.config
+            self.eps, self.v = Schedule(scheduler, "epsilon"), Schedule(scheduler, "v_prediction")
+
+        def forward(self, x, t, cond, return_dict=False):
+            eps = self.unet(x, t, cond, return_dict=False)[0]
+            return (self.v.from_x0(self.eps.to_x0_eps(eps, x, t)[0], x, t),)
+
+    v = _as_v(tiny_pipe)
+    v.unet = AsV(tiny_pipe.unet, tiny_pipe.scheduler)
+    metric = TeacherDistance.prepare(tiny_pipe, latent=tiny_shapes.latent(tiny_pipe), prompts=2)
+    assert metric.score(v) < 1e-3
+    v.prediction_type = "epsilon"  # the same outputs read raw
+    assert metric.score(v) > 0.1

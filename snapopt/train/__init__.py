@@ -7,7 +7,7 @@ from importlib import import_module
 
 _WHERE = {"DecoderJob": "jobs", "RecoverJob": "jobs", "StepDistillJob": "jobs", "run_decoder": "jobs", "run_recover": "jobs",
           "run_step_distill": "jobs", "DataOptions": "options", "DecoderLoss": "options", "OptimOptions": "options",
-          "RecoverLoss": "options", "RobustOptions": "options", "StepDistillLoss": "options", "TrainOptions": "options",
+          "RecoverLoss": "options", "RobustOptions": "options", "StepDistillLoss": "options", "StepDistillStage": "options", "TrainOptions": "options",
           "Trainer": "trainer", "TrainResult": "trainer"}
 __all__ = sorted(_WHERE)
 
