@@ -259,4 +259,6 @@ def _train_stats(result: TrainResult) -> dict[str, Any]:
     return {"steps": result.steps + (result.resumed_from or 0), "steps_this_run": result.steps,
             "seconds": round(result.seconds, 2),
             "images_per_second": round(result.images_per_second, 2) if result.images_per_second else None,
-            "loss_first": first.get("loss"), "loss_last": last.get("loss"), "resumed_from": result.resumed_from}
+            "loss_first": first.get("loss"), "loss_last": last.get("loss"), "resumed_from": result.resumed_from,
+            **({"notes": result.extra["notes"]} if result.extra.get("notes") else {}),
+            **({"cuda_graphs": result.extra["cuda_graphs"]} if "cuda_graphs" in result.extra else {})}
