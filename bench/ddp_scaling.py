@@ -73,7 +73,9 @@ def run(spec_file: Path, out: Path, gpus: int, steps: int, cpu: bool) -> dict:
             env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *train]
-    print("$", " ".join(cmd), flush=True)
+    # the command as a reader would type it: no interpreter path, repo-relative script, scratch folder as <tmp>
+    shown = ["python" if c == sys.executable else os.path.relpath(c, ROOT) if str(c).startswith(str(ROOT)) else str(c) for c in cmd]
+    print("$", " ".join(shown).replace(str(Path(out).parent), "<tmp>"), flush=True)
     subprocess.run(cmd, env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     result = json.loads((out / "result.json").read_text())
     with open(out / "losses.csv", newline="") as f:

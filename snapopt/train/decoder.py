@@ -25,6 +25,19 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
+def reconstruction_loss(lo, out: torch.Tensor, ref: torch.Tensor):
+    """The decoder's loss (MSE, plus MSE of 2x/4x pooled images when ``lo.multiscale``) and its detached parts;
+    one definition for the eager step and the CUDA-graph step (snapopt.train.graphs)."""
+    mse = F.mse_loss(out, ref)
+    total = lo.mse * mse
+    parts = {"mse": mse}
+    if lo.multiscale > 0:
+        ms = sum(F.mse_loss(F.avg_pool2d(out, k), F.avg_pool2d(ref, k)) for k in (2, 4)) / 2
+        total = total + lo.multiscale * ms
+        parts["multiscale"] = ms
+    return total, {k: v.detach() for k, v in parts.items()}
+
+
 class DecoderObjective:
     name = "decoder_distill"
     skips_blocks = False
@@ -62,15 +75,7 @@ class DecoderObjective:
         b = self.data.batch(step, self.train_o.batch, info)
         z = b.x0 / self.scale
         ref = self.targets(b.x0, z)
-        out = self.forward_model(z).float()
-        mse = F.mse_loss(out, ref)
-        total = self.lo.mse * mse
-        parts = {"mse": mse}
-        if self.lo.multiscale > 0:
-            ms = sum(F.mse_loss(F.avg_pool2d(out, k), F.avg_pool2d(ref, k)) for k in (2, 4)) / 2
-            total = total + self.lo.multiscale * ms
-            parts["multiscale"] = ms
-        return total, {k: v.detach() for k, v in parts.items()}
+        return reconstruction_loss(self.lo, self.forward_model(z).float(), ref)
 
     @torch.no_grad()
     def targets(self, x0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from snapopt.errors import UsageError
@@ -219,16 +218,9 @@ class DecoderStep:
         return StepInputs(None, {"z": z, "ref": self.obj.targets(b.x0, z)})
 
     def compute(self, key, s: dict[str, torch.Tensor], info: DistInfo):
-        obj, ref = self.obj, s["ref"]
-        out = obj.forward_model(s["z"]).float()
-        mse = F.mse_loss(out, ref)
-        total = obj.lo.mse * mse
-        parts = {"mse": mse}
-        if obj.lo.multiscale > 0:
-            ms = sum(F.mse_loss(F.avg_pool2d(out, k), F.avg_pool2d(ref, k)) for k in (2, 4)) / 2
-            total = total + obj.lo.multiscale * ms
-            parts["multiscale"] = ms
-        return total, {k: v.detach() for k, v in parts.items()}
+        from snapopt.train.decoder import reconstruction_loss
+
+        return reconstruction_loss(self.obj.lo, self.obj.forward_model(s["z"]).float(), s["ref"])
 
 
 def _adapter_class(obj):
