@@ -1,7 +1,8 @@
-"""ONNX lowering: ``torch.onnx.export`` (dynamo) → onnxsim → checked against torch in onnxruntime."""
+"""ONNX lowering: ``torch.onnx.export`` (dynamo) → onnxscript's optimizer → onnxsim → checked against torch in onnxruntime."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -17,10 +18,50 @@ from snapopt.models.pipeline import Pipeline
 _PROTOBUF_LIMIT = 2 * 1024**3
 
 
+@contextlib.contextmanager
+def _single_output_rules():
+    """Run onnxscript's default rewrite rules without those whose pattern has several output nodes.
+
+    onnxscript matches such a pattern (today only ``SlicesSplit``: two last-axis Slices of one tensor → Split) by
+    brute force, rebuilding an op index of the whole graph for every node it tries and pairing every Slice with every
+    other: quadratic in the graph. On the split-einsum UNet (770 Slices, one per head) that was 57 of the 93 s the
+    ONNX export took on 2 CPU cores, and it rewrote nothing; the rest of the optimizer is unchanged. When the rule
+    would have fired, the graph keeps two Slices instead of a Split: the same values, checked in ONNX Runtime."""
+    try:
+        from onnxscript import rewriter
+        rules = rewriter._DEFAULT_REWRITE_RULES
+        kept = tuple(r for r in rules if getattr(getattr(r, "_target_pattern", None), "has_single_output_node", True))
+    except (ImportError, AttributeError):  # another onnxscript: its own optimizer, unchanged
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = kept
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
+
+
+def to_onnx(module, example_inputs, input_names, output_names, *, external_data: bool = False, fast: bool = True):
+    """``torch.onnx.export`` (dynamo) with onnxscript's optimizer, ``fast`` without its quadratic multi-output rules
+    (:func:`_single_output_rules`). ``module`` may be an ``ExportedProgram`` already captured for Core ML."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, example_inputs, dynamo=True, input_names=input_names, output_names=output_names,
+                                    verbose=False, external_data=external_data, optimize=not fast)
+        if fast:
+            with _single_output_rules():
+                program.optimize()
+    return program
+
+
 def export_onnx(pipe: Pipeline, component: str, shapes: Shapes, out_dir: Path, *, simplify: bool = True,
-                check: bool = True, io=None, name: str | None = None) -> dict[str, Any]:
+                check: bool = True, io=None, name: str | None = None, program=None) -> dict[str, Any]:
     """Export ``component`` with the interface the Core ML package has (:func:`snapopt.lowering.apple.apple_io`),
-    so ONNX Runtime checks the same graph the phone runs; ``io``/``name`` export a UNet chunk instead."""
+    so ONNX Runtime checks the same graph the phone runs; ``io``/``name`` export a UNet chunk instead.
+
+    ``program``: the ``torch.export`` capture of ``io.module`` at ``io.example_inputs`` when the caller already has
+    it (the Core ML lowering makes the same one), so the model is traced once."""
     import onnx
 
     from snapopt.lowering.apple import apple_io
@@ -31,13 +72,10 @@ def export_onnx(pipe: Pipeline, component: str, shapes: Shapes, out_dir: Path, *
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name or io.package_name}.onnx"
     big = sum(p.numel() * 4 for p in io.module.parameters()) >= _PROTOBUF_LIMIT
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(io.module, io.example_inputs, dynamo=True, input_names=io.input_names,
-                                        output_names=io.output_names, verbose=False, external_data=big)
-            program.save(str(path), external_data=big)
+        onnx_program = to_onnx(program if program is not None else io.module, io.example_inputs, io.input_names,
+                               io.output_names, external_data=big)
+        onnx_program.save(str(path), external_data=big)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise LoweringError(f"ONNX export of '{component}' failed: {first}") from exc
