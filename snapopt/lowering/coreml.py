@@ -19,7 +19,7 @@ import torch
 
 from snapopt.capture.export import export_component
 from snapopt.errors import LoweringError
-from snapopt.lowering.interfaces import Shapes, component_io
+from snapopt.lowering.interfaces import Shapes
 from snapopt.models.pipeline import Pipeline
 
 
@@ -57,9 +57,12 @@ def _strip_aliases(ep: torch.export.ExportedProgram) -> torch.export.ExportedPro
 
 def convert_component(pipe: Pipeline, component: str, shapes: Shapes, *, deployment_target=None,
                       weight_bits: int = 16, compute_units: str = "CPU_AND_NE", io=None,
-                      compression: dict[str, Any] | None = None):
+                      compression: dict[str, Any] | None = None, program=None):
     """Return the converted ``ct.models.MLModel`` (not yet saved), with Apple's Swift interface
-    (:func:`snapopt.lowering.apple.apple_io`): fp16 UNet/VAE inputs, float32 ``input_ids``, fp32 outputs."""
+    (:func:`snapopt.lowering.apple.apple_io`): fp16 UNet/VAE inputs, float32 ``input_ids``, fp32 outputs.
+
+    ``program``: ``io``'s ``torch.export`` capture when the caller has it (shared with the ONNX export; left intact:
+    ``run_decompositions`` returns a new program)."""
     from snapopt.lowering.apple import apple_io
 
     ct = import_coremltools()
@@ -69,7 +72,7 @@ def convert_component(pipe: Pipeline, component: str, shapes: Shapes, *, deploym
     io = io or apple_io(pipe, component, shapes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = _strip_aliases(export_component(io).run_decompositions({}))
+        ep = _strip_aliases((program if program is not None else export_component(io)).run_decompositions({}))
     fp16_io = target >= ct.target.iOS16
     inputs = []
     for name, t in zip(io.input_names, io.example_inputs):

@@ -169,9 +169,27 @@ def chunk_lines(info: dict[str, Any] | None) -> list[str]:
     return [line + "."]
 
 
-def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[str, Any]:
-    from snapopt.lowering import apple, coreml, onnx
-    from snapopt.lowering.interfaces import PACKAGE_NAMES
+def _onnx_jobs(wanted, ios, plan) -> list[tuple[str, str, str | None, Any]]:
+    """(stage label, component, file name, interface) per ONNX file: a chunked UNet gives two."""
+    jobs = []
+    for c in wanted:
+        if c == "unet" and plan is not None:
+            from snapopt.lowering.chunking import CHUNK_NAMES
+
+            jobs += [(f"export {name} to ONNX", c, name, io) for name, io in zip(CHUNK_NAMES, plan.io)]
+        else:
+            jobs.append((f"export {c} to ONNX", c, None, ios[c]))
+    return jobs
+
+
+def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage, *, parallel: bool | None = None) -> dict[str, Any]:
+    """Lower ``pipe`` as the recipe's ``export`` section asks, inside ``stage`` (the run's timed progress stages).
+
+    Each component is traced once (``torch.export``) for both Core ML and ONNX. ``parallel`` (default: on with
+    :data:`snapopt.lowering.parallel.MIN_CPUS` cores or more) runs the ONNX exports in a worker process while Core ML
+    lowers here: their stage timings then overlap (``result["parallel"]`` says so) and each trace is the worker's own."""
+    from snapopt.lowering import apple, onnx
+    from snapopt.lowering.parallel import OnnxWorker, use_worker
 
     spec = resolved.recipe.export
     wanted = [c for c in spec.components if c in pipe.components()]
@@ -201,6 +219,56 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
                 plan = plan_chunks(pipe, shapes, io_fn=apple.apple_io)
                 result["unet_chunking"].update(cut_before=plan.stage, params=list(plan.params),
                                                torch_compose_relative_error=compose_error(pipe, plan, shapes))
+    ios: dict[str, Any] = {}
+    worker = None
+    if spec.onnx and wanted:
+        if pipe.structure_only:
+            from snapopt.errors import LoweringError
+
+            raise LoweringError(f"cannot export '{wanted[0]}' of a structure-only model to ONNX: load it with weights")
+        ios = {c: apple.apple_io(pipe, c, shapes) for c in wanted}
+        if parallel is None:
+            parallel = bool(spec.coreml or spec.coreai) and use_worker()
+        if parallel:
+            worker = OnnxWorker(_onnx_jobs(wanted, ios, plan), folder / "onnx", check=spec.onnx_check, stage=stage).start()
+            result["parallel"] = {"onnx_worker": True, "note": "ONNX exports ran in a worker process alongside the Core ML / "
+                                  "Core AI lowering: their stage timings overlap those stages' (wall time each)"}
+    captures: dict[str, Any] | None = {} if worker is None and spec.onnx else None
+    try:
+        _lower_apple(pipe, resolved, shapes, folder, stage, wanted, targets, plan, cplan, ios, captures, result)
+    except BaseException:
+        if worker is not None:
+            worker.close()
+        raise
+    if spec.onnx and wanted:
+        if worker is not None:
+            with stage("wait for the ONNX export worker"):
+                infos = worker.join()
+        else:
+            infos = []
+            for label, c, name, io in _onnx_jobs(wanted, ios, plan):
+                with stage(label):
+                    infos.append(onnx.export_io(io, c, folder / "onnx", check=spec.onnx_check, name=name,
+                                                program=captures.get(c) if name is None else None))
+        for info in infos:
+            info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
+            result["onnx"].append(info)
+        if plan is not None and spec.onnx_check:
+            from snapopt.lowering.chunking import onnx_compose_error
+
+            with stage("check UNet chunks composed in ONNX Runtime"):
+                err = onnx_compose_error(pipe, shapes, folder / "onnx")
+            result["unet_chunking"]["onnxruntime_compose_relative_error"] = err
+    return result
+
+
+def _lower_apple(pipe, resolved, shapes, folder, stage, wanted, targets, plan, cplan, ios, captures, result) -> None:
+    """The Core ML resources folder and the Core AI assets, lowering ``ios``' interfaces where given. ``captures``
+    (a dict) keeps each component's ``torch.export`` capture for the ONNX export that follows in this process."""
+    from snapopt.lowering import apple, coreml
+    from snapopt.lowering.interfaces import PACKAGE_NAMES
+
+    spec = resolved.recipe.export
     if spec.coreml and wanted:
         target = min(targets, key=lambda t: t.ios_major) if targets else None
         deployment = target.coreml_deployment_target() if target else None
@@ -228,7 +296,14 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
                 jobs = list(zip(CHUNK_NAMES, plan.io))
             for name, io in jobs:
                 with stage(f"lower {name} to Core ML"):
-                    info = coreml.lower_component(pipe, c, shapes, res, name=name, io=io, **kw)
+                    program = None
+                    if io is None and c in ios:
+                        io = ios[c]
+                        if captures is not None:
+                            from snapopt.capture.export import export_component
+
+                            program = captures[c] = export_component(io)
+                    info = coreml.lower_component(pipe, c, shapes, res, name=name, io=io, program=program, **kw)
                     info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
                     result["coreml"].append(info)
         if pipe.tokenizer is not None:
@@ -300,22 +375,4 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage) -> dict[s
                 info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
                 result["coreai"].append(info)
         result["sections"].append({"title": "Core AI", "lines": coreai_lines(result["coreai"], cplan)})
-    if spec.onnx and wanted:
-        for c in wanted:
-            jobs = [(None, None)]
-            if c == "unet" and plan is not None:
-                from snapopt.lowering.chunking import CHUNK_NAMES
 
-                jobs = list(zip(CHUNK_NAMES, plan.io))
-            for name, io in jobs:
-                with stage(f"export {name or c} to ONNX"):
-                    info = onnx.export_onnx(pipe, c, shapes, folder / "onnx", check=spec.onnx_check, io=io, name=name)
-                    info["file"] = str(Path(info.pop("path")).relative_to(folder.parent))
-                    result["onnx"].append(info)
-        if plan is not None and spec.onnx_check:
-            from snapopt.lowering.chunking import onnx_compose_error
-
-            with stage("check UNet chunks composed in ONNX Runtime"):
-                err = onnx_compose_error(pipe, shapes, folder / "onnx")
-            result["unet_chunking"]["onnxruntime_compose_relative_error"] = err
-    return result
