@@ -36,7 +36,7 @@ from torch import nn
 from snapopt.errors import UsageError
 from snapopt.train.accel import to_device
 from snapopt.train.data import Batch
-from snapopt.train.diffusion import Schedule, guided
+from snapopt.train.diffusion import Schedule
 from snapopt.train.dist import DistInfo, shard, step_generator
 
 #: eager steps per kind of step before it is captured (cuDNN autotuning, cuBLAS handles, optimizer state)
@@ -127,53 +127,21 @@ class RecoverStep:
 
 
 class StepDistillStep:
-    """StepDistillObjective: the draws of its ``loss()`` (same generator stream, same order) stay eager; the
-    teacher's two DDIM steps, the target and the student's loss are captured, one graph per guided/plain."""
+    """StepDistillObjective: its ``draw()`` (seeded choices, the data batch or trajectory states) stays eager;
+    its ``loss_from()`` (the teacher's two DDIM steps, the target, the student's loss) is captured, one graph
+    per kind of step (guided or plain, noised data or trajectory states)."""
 
     def __init__(self, obj, o, device: torch.device):
         self.obj, self.o, self.device = obj, o, device
         self.scheds = {"sched": DeviceSchedule(obj.sched, device), "ssched": DeviceSchedule(obj.ssched, device)}
 
     def inputs(self, step: int, info: DistInfo) -> StepInputs:
-        obj, n = self.obj, self.o.batch
-        b = obj.data.batch(step, n, info)
-        gen = step_generator(self.o.seed, step, stream=2)
-        k = torch.randint(0, len(obj.grid), (n,), generator=gen)
-        use_cfg = bool(torch.rand((), generator=gen) < obj.lo.cfg_probability)
-        tensors = _batch_tensors(b, self.device)
-        tensors["t"] = to_device(shard(obj.grid[k], info), self.device)
-        tensors["t_end"] = to_device(shard(obj.prev[k], info), self.device)
-        if use_cfg:
-            lo, hi = obj.lo.cfg_range
-            tensors["scale"] = to_device(shard(lo + (hi - lo) * torch.rand(n, generator=gen), info), self.device)
-        return StepInputs(use_cfg, tensors, {"cfg": float(use_cfg)})
+        key, tensors, host = self.obj.draw(step, info)
+        return StepInputs(key, {k: to_device(v, self.device) for k, v in tensors.items()}, host)
 
-    def compute(self, use_cfg: bool, s: dict[str, torch.Tensor], info: DistInfo):
-        from snapopt.train.recover import per_sample_mse
-
-        obj = self.obj
-        x0, noise, t, t_end, cond, uncond = s["x0"], s["noise"], s["t"], s["t_end"], s["cond"], s["uncond"]
-        scale = s.get("scale")
-        with _swapped(obj, **self.scheds):
-            x_t = obj.sched.add_noise(x0, noise, t)
-            x_end = obj.teacher_two_steps(x_t, t, cond, uncond, scale, t_end)
-            target = obj.student_target(x_t.float(), t, x_end.float(), t_end)
-            if use_cfg:
-                out = obj.forward_model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]), return_dict=False)[0]
-                u, c = out.float().chunk(2)
-                pred, cond_pred = guided(u, c, scale), c
-            else:
-                pred = cond_pred = obj.forward_model(x_t, t, cond, return_dict=False)[0].float()
-            distill = obj.distill_error(pred, target, x_t.float(), t)
-            if use_cfg and obj.lo.cfg_normalise:
-                distill = distill / scale.float() ** 2
-            total = distill
-            parts: dict[str, Any] = {"distill": distill.mean(), "cfg": None}
-            if obj.lo.original_weight > 0:
-                orig = per_sample_mse(cond_pred, obj.ssched.target(x0, noise, t))
-                total = total + obj.lo.original_weight * orig
-                parts["original"] = orig.mean()
-        return total.mean(), {k: v.detach() if torch.is_tensor(v) else v for k, v in parts.items()}
+    def compute(self, key, s: dict[str, torch.Tensor], info: DistInfo):
+        with _swapped(self.obj, **self.scheds):
+            return self.obj.loss_from(key, s)
 
 
 class ReparamStep:

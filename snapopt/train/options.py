@@ -143,6 +143,12 @@ class StepDistillLoss(_Opts):
         "ddim", description="the student's timesteps. ddim: diffusers' N/2-step DDIM grid (what a plain DDIMScheduler samples). "
                             "halved: the N/4-step DDIM grid with every step split in two, i.e. exactly the path that a later "
                             "N/2 -> N/4 distillation walks its teacher on (SnapFusion's 16-step teacher for a 16 -> 8 student)")
+    trajectory_probability: float = Field(
+        0.0, ge=0, le=1, description="probability per step of training on states of the teacher's own sampling trajectories "
+                                     "(from pure noise, guided at the step's kind of scale) instead of noised data: the states the "
+                                     "sampler visits, where the student's single step will be used; the target is the trajectory's "
+                                     "next state, so these steps need no teacher forward")
+    trajectory_pool: int = Field(4096, ge=1, description="teacher trajectories precomputed per kind (guided, plain)")
 
     @model_validator(mode="after")
     def _check(self):

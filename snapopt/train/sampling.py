@@ -58,19 +58,18 @@ def student_transitions(student_steps: int, grid: str = "ddim", num_train: int =
 @torch.no_grad()
 def sample_latents(pipe, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int, cfg: float, shape, seed: int,
                    device, unet=None, batch: int = 128, transitions: list[tuple[int, int]] | None = None,
-                   prediction_type: str | None = None) -> torch.Tensor:
+                   prediction_type: str | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """x_0 latents from ``pipe``'s UNet (or ``unet``) by deterministic DDIM with classifier-free guidance,
     on diffusers' ``steps``-step grid or on explicit ``transitions`` (t, t_prev). ``batch`` prompts per UNet
     call (x2 for guidance): a small model is launch-bound, so 16 at a time left the GPU mostly idle; the
     noise is drawn for all prompts up front, so the batch size does not change which sample a prompt gets.
     ``prediction_type``: what ``unet`` outputs, when it is not ``pipe``'s own (a v-prediction student sampled
-    with its epsilon teacher's text encoder and scheduler)."""
+    with its epsilon teacher's text encoder and scheduler). ``noise``: x_T itself (else drawn from ``seed``)."""
     unet = unet or pipe.unet
     sched = Schedule(pipe.scheduler, prediction_type or pipe.prediction_type)
     offset = int(pipe.scheduler.config.get("steps_offset", 1))
     transitions = transitions or ddim_transitions(steps, sched.num_train, offset)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(cond), *shape, generator=gen).to(device)
+    x = (noise if noise is not None else torch.randn(len(cond), *shape, generator=torch.Generator().manual_seed(seed))).to(device)
     dtype = next(unet.parameters()).dtype
     out = []
     for i in range(0, len(cond), batch):

@@ -10,6 +10,10 @@ w ~ U(cfg_range) is applied to the teacher's *and* the student's outputs before 
 learns the guided trajectory it will be sampled with; otherwise the plain (conditional) trajectory.
 ``original_weight`` mixes in the ordinary denoising loss.
 
+Training states (``trajectory_probability``): x_t is noised data, or with that probability per step a state
+of the teacher's own sampling trajectory from pure noise (:mod:`snapopt.train.trajectories`), where the
+student's step is actually used; there the target is the trajectory's next state.
+
 Learning rate: the student starts as the teacher, whose single step is already within ~1e-3 of its two
 steps (unguided). That optimum is sharp: a gradient step of norm 0.1 in weight space multiplies the tiny
 model's loss by ~18. Adam moves every weight by about ``lr`` per step, a step of norm ``lr * sqrt(#params)``
@@ -28,6 +32,8 @@ distillation; the job reports how far that moved its samples.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -38,6 +44,9 @@ from snapopt.train.dist import DistInfo, shard, step_generator
 from snapopt.train.options import StepDistillLoss, TrainOptions
 from snapopt.train.recover import per_sample_mse
 from snapopt.train.sampling import student_transitions
+
+if TYPE_CHECKING:
+    from snapopt.train.trajectories import TrajectoryPool
 
 
 class StepDistillObjective:
@@ -63,6 +72,7 @@ class StepDistillObjective:
         self.grid = torch.tensor([t for t, _ in self.transitions])
         self.prev = torch.tensor([p for _, p in self.transitions])
         self.forward_model: nn.Module = student_unet
+        self._pools = None
 
     def trainable(self) -> nn.Module:
         return self.student
@@ -98,36 +108,78 @@ class StepDistillObjective:
         u, c = out.chunk(2)
         return guided(u, c, scale)
 
-    # -- the loss -------------------------------------------------------------------------------------
-    def loss(self, step: int, info: DistInfo):
-        b = self.data.batch(step, self.train_o.batch, info)
-        gen = step_generator(self.train_o.seed, step, stream=2)
+    # -- the loss: seeded draws (eager), then device-only compute (what cuda_graphs captures) ----------------
+    def trajectory_pools(self) -> dict[bool, "TrajectoryPool"]:
+        """The teacher's trajectories, guided and plain, built on first use (``loss.trajectory_probability``)."""
+        if self._pools is None:
+            from snapopt.train.trajectories import TrajectoryPool
+
+            n, seed = self.lo.trajectory_pool, self.train_o.seed + 7919
+            self._pools = {kind: TrajectoryPool(self, n, guided=kind, seed=seed + kind) for kind in (True, False)}
+        return self._pools
+
+    def draw(self, step: int, info: DistInfo) -> tuple[tuple[bool, bool], dict[str, torch.Tensor], dict[str, float]]:
+        """The step's random choices, from its own generator (same samples on every rank and after a resume):
+        ``key`` = (guided?, on the teacher's trajectories?), the device tensors :meth:`loss_from` reads, and the
+        numbers to log. Data steps carry x0/noise; trajectory steps carry x_t and its target state x_end."""
         n = self.train_o.batch
+        gen = step_generator(self.train_o.seed, step, stream=2)
         k = torch.randint(0, len(self.grid), (n,), generator=gen)
-        t, t_end = shard(self.grid[k], info), shard(self.prev[k], info)
         use_cfg = bool(torch.rand((), generator=gen) < self.lo.cfg_probability)
         lo, hi = self.lo.cfg_range
-        scale = to_device(shard(lo + (hi - lo) * torch.rand(n, generator=gen), info), b.x0.device) if use_cfg else None
-        x_t = self.sched.add_noise(b.x0, b.noise, t)
-        x_end = self.teacher_two_steps(x_t, t, b.cond, b.uncond, scale, t_end)
+        scale = lo + (hi - lo) * torch.rand(n, generator=gen) if use_cfg else None
+        on_path = self.lo.trajectory_probability > 0 and bool(torch.rand((), generator=gen) < self.lo.trajectory_probability)
+        device = self.data.device
+        s = {"t": to_device(shard(self.grid[k], info), device), "t_end": to_device(shard(self.prev[k], info), device)}
+        if on_path:
+            pool = self.trajectory_pools()[use_cfg]
+            i = shard(torch.randint(0, len(pool), (n,), generator=gen), info)
+            kk = shard(k, info)
+            dev_i, dev_k = to_device(i, pool.states.device), to_device(kk, pool.states.device)
+            s["x_t"], s["x_end"] = pool.states[dev_i, dev_k], pool.states[dev_i, dev_k + 1]
+            cond = self.data.cond_bank[to_device(pool.prompt[i], self.data.cond_bank.device)].to(device)
+            s["cond"], s["uncond"] = cond, self.data.uncond.expand_as(cond)
+            if use_cfg:
+                s["scale"] = pool.scale[dev_i]  # the scale the trajectory was walked with
+        else:
+            b = self.data.batch(step, n, info)
+            s.update(x0=b.x0, noise=b.noise, cond=b.cond, uncond=b.uncond)
+            if use_cfg:
+                s["scale"] = to_device(shard(scale, info), device)
+        return (use_cfg, on_path), s, {"cfg": float(use_cfg), "trajectory": float(on_path)}
+
+    def loss_from(self, key: tuple[bool, bool], s: dict[str, torch.Tensor]):
+        """Loss of one drawn step; device-only (no host synchronisation), so a CUDA graph can hold it. The
+        logged ``cfg`` / ``trajectory`` flags are left None for the caller to fill from :meth:`draw`."""
+        use_cfg, on_path = key
+        t, t_end, cond, uncond, scale = s["t"], s["t_end"], s["cond"], s["uncond"], s.get("scale")
+        if on_path:
+            x_t, x_end = s["x_t"], s["x_end"]
+        else:
+            x_t = self.sched.add_noise(s["x0"], s["noise"], t)
+            x_end = self.teacher_two_steps(x_t, t, cond, uncond, scale, t_end)
         target = self.student_target(x_t.float(), t, x_end.float(), t_end)
-        tt = to_device(t, x_t.device)
         if use_cfg:
-            out = self.forward_model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([b.uncond, b.cond]), return_dict=False)[0]
+            out = self.forward_model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]), return_dict=False)[0]
             u, c = out.float().chunk(2)
             pred, cond_pred = guided(u, c, scale), c
         else:
-            pred = cond_pred = self.forward_model(x_t, tt, b.cond, return_dict=False)[0].float()
+            pred = cond_pred = self.forward_model(x_t, t, cond, return_dict=False)[0].float()
         distill = self.distill_error(pred, target, x_t.float(), t)
         if use_cfg and self.lo.cfg_normalise:
             distill = distill / scale.float() ** 2
         total = distill
-        parts = {"distill": distill.mean(), "cfg": float(use_cfg)}
-        if self.lo.original_weight > 0:
-            orig = per_sample_mse(cond_pred, self.ssched.target(b.x0, b.noise, t))
+        parts = {"distill": distill.mean(), "cfg": None, "trajectory": None}
+        if self.lo.original_weight > 0 and not on_path:  # the denoising loss needs the data behind x_t
+            orig = per_sample_mse(cond_pred, self.ssched.target(s["x0"], s["noise"], t))
             total = total + self.lo.original_weight * orig
             parts["original"] = orig.mean()
         return total.mean(), {k: v.detach() if torch.is_tensor(v) else v for k, v in parts.items()}
+
+    def loss(self, step: int, info: DistInfo):
+        key, s, host = self.draw(step, info)
+        loss, parts = self.loss_from(key, s)
+        return loss, {k: host[k] if v is None else v for k, v in parts.items()}
 
 
 def snr_trunc_error(sched: Schedule, pred, target, x_t, t):

@@ -1,0 +1,47 @@
+"""The teacher's own sampling trajectories, as training states for step distillation.
+
+Step distillation normally trains at x_t made by noising data. The sampler never visits those states: it
+starts from pure noise (at t = 876 on the leading 8-step grid, where noised data still keeps 14% of its
+signal) and, under guidance, walks states that no noised image resembles. A student fitted only on noised
+data is off its training distribution exactly where it is used. A :class:`TrajectoryPool` holds, for each of
+``n`` prompts (and guidance scales), the teacher's states at every point of the student's grid, walked from
+pure noise on the halved path (each student step as two teacher steps). The state after a student step is
+then exactly the teacher's two-step result from the state before it: the distillation target is read from
+the pool, and these training steps need no teacher forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from snapopt.train.accel import to_device
+
+
+class TrajectoryPool:
+    """``states[i, k]``: trajectory i at the student's k-th grid point (k = K: after its last step);
+    ``prompt[i]`` indexes the data source's prompt embeddings; ``scale[i]``: the guidance it was walked with
+    (None for the plain kind: the conditional prediction alone)."""
+
+    def __init__(self, objective, n: int, *, guided: bool, seed: int, batch: int = 512):
+        data, device = objective.data, objective.data.device
+        gen = torch.Generator().manual_seed(seed)
+        self.prompt = torch.randint(0, len(data.cond_bank), (n,), generator=gen)
+        lo, hi = objective.lo.cfg_range
+        self.scale = (lo + (hi - lo) * torch.rand(n, generator=gen)).to(device) if guided else None
+        noise = torch.randn(n, *data.shape, generator=gen)
+        chunks = []
+        for a in range(0, n, batch):
+            x = to_device(noise[a:a + batch], device)
+            cond = data.cond_bank[to_device(self.prompt[a:a + batch], data.cond_bank.device)].to(device)
+            uncond = data.uncond.expand_as(cond)
+            scale = self.scale[a:a + batch] if guided else None
+            seq = [x]
+            for t, t_end in objective.transitions:
+                tt, te = torch.full((len(x),), t), torch.full((len(x),), t_end)
+                x = objective.teacher_two_steps(x, tt, cond, uncond, scale, te).float()
+                seq.append(x)
+            chunks.append(torch.stack(seq, 1))
+        self.states = torch.cat(chunks)
+
+    def __len__(self) -> int:
+        return len(self.states)

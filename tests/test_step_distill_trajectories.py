@@ -1,0 +1,104 @@
+"""Step distillation on the teacher's own sampling trajectories (``loss.trajectory_probability``): the pool
+holds what the teacher's sampler walks from pure noise, its targets are the teacher's two steps, and steps
+drawn from it train and resume like data steps. Tiny models only (seconds)."""
+
+from __future__ import annotations
+
+import torch
+
+CPU = torch.device("cpu")
+
+
+def _train(**kw):
+    from snapopt.train.options import TrainOptions
+
+    base = dict(steps=4, batch=4, progress=False, optim=dict(lr=1e-3), data=dict(source="random"))
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def _objective(pipe, unet=None, **loss):
+    from snapopt.train.options import StepDistillLoss
+    from snapopt.train.step_distill import StepDistillObjective
+
+    lo = StepDistillLoss(**{"teacher_steps": 8, "trajectory_pool": 6, **loss})
+    return StepDistillObjective(pipe, unet or pipe.clone(["unet"]).unet, _train(), lo, device=CPU)
+
+
+def test_pool_is_the_teachers_guided_sampler_walk(tiny_pipe):
+    """Each trajectory's last state is the teacher's x_0 from an independent sampler (sample_latents on the
+    halved path, same noise, prompt and scale), and every state is two teacher steps after the one before."""
+    from snapopt.train.sampling import sample_latents, split_transitions
+
+    obj = _objective(tiny_pipe, cfg_range=(5.0, 5.0))
+    pools = obj.trajectory_pools()
+    guided, plain = pools[True], pools[False]
+    assert guided.states.shape[:2] == (6, len(obj.transitions) + 1) and plain.scale is None
+    gen = torch.Generator().manual_seed(obj.train_o.seed + 7919 + 1)  # the guided pool's own draws, in order
+    prompt = torch.randint(0, len(obj.data.cond_bank), (6,), generator=gen)
+    assert torch.equal(prompt, guided.prompt)
+    torch.rand(6, generator=gen)
+    noise = torch.randn(6, *obj.data.shape, generator=gen)
+    assert torch.equal(guided.states[:, 0], noise)
+    cond = obj.data.cond_bank[prompt]
+    t, t_end = obj.transitions[2]
+    k = 2
+    step = obj.teacher_two_steps(guided.states[:, k], torch.full((6,), t), cond, obj.data.uncond.expand_as(cond),
+                                 guided.scale, torch.full((6,), t_end))
+    torch.testing.assert_close(step.float(), guided.states[:, k + 1], rtol=1e-5, atol=1e-6)
+    # the walk as a whole, against the independent sampler started from the pool's noise
+    ref = sample_latents(tiny_pipe, cond, obj.data.uncond, steps=8, cfg=5.0, shape=obj.data.shape, seed=0, device=CPU,
+                         transitions=split_transitions(obj.transitions), noise=noise)
+    torch.testing.assert_close(guided.states[:, -1], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_trajectory_steps_target_the_next_state_and_need_no_data(tiny_pipe):
+    """A trajectory step's tensors come from the pool; its target state is the pool's next state; the loss
+    is finite and has no denoising term (there is no data behind x_t)."""
+    obj = _objective(tiny_pipe, trajectory_probability=1.0, cfg_probability=0.5, original_weight=0.1)
+    kinds = set()
+    for step in range(6):
+        key, s, host = obj.draw(step, _info())
+        assert key[1] and host["trajectory"] == 1.0 and "x0" not in s
+        kinds.add(key[0])
+        loss, parts = obj.loss(step, _info())
+        assert torch.isfinite(loss) and "original" not in parts and parts["trajectory"] == 1.0
+    assert kinds == {True, False}
+
+
+def test_probability_zero_draws_what_it_drew_before(tiny_pipe):
+    """trajectory_probability 0 adds no draw to the step's generator: existing runs keep their samples."""
+    from snapopt.train.dist import step_generator
+
+    obj = _objective(tiny_pipe, cfg_probability=0.5)
+    for step in range(4):
+        key, s, _ = obj.draw(step, _info())
+        gen = step_generator(obj.train_o.seed, step, stream=2)
+        k = torch.randint(0, len(obj.grid), (4,), generator=gen)
+        use_cfg = bool(torch.rand((), generator=gen) < 0.5)
+        assert key == (use_cfg, False) and torch.equal(s["t"], obj.grid[k])
+    assert obj._pools is None  # never built
+
+
+def test_trajectory_training_moves_the_student_onto_the_teacher_path(tiny_pipe):
+    """Training on trajectory states lowers the error on held-out draws of them (steps the run never took).
+    At lr 1e-5, like the recipe: at 1e-4 this tiny student overshoots (docs/training.md)."""
+    from snapopt.train import Trainer
+
+    unet = tiny_pipe.clone(["unet"]).unet
+    obj = _objective(tiny_pipe, unet, trajectory_probability=1.0, trajectory_pool=16)
+    obj.train_o = obj.train_o.model_copy(update={"steps": 12, "batch": 8, "optim": obj.train_o.optim.model_copy(update={"lr": 1e-5})})
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return sum(obj.loss(s, _info())[0].item() for s in range(100, 108)) / 8
+
+    before = held_out()
+    Trainer(obj, obj.train_o, None, device=CPU).run()
+    assert held_out() < 0.8 * before
+
+
+def _info():
+    from snapopt.train.dist import DistInfo
+
+    return DistInfo()
