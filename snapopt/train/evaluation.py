@@ -11,13 +11,14 @@ from snapopt.train.sampling import sample_latents, split_transitions, student_tr
 
 @torch.no_grad()
 def sample_distance(teacher, student, student_steps: int, teacher_steps: int, *, prompts: int, cfg: float, seed: int, device,
-                    halved: bool = False, student_grid: str = "ddim") -> float:
+                    halved: bool = False, student_grid: str = "ddim", texts: list[str] | None = None) -> float:
     """Relative L2 distance of the student's ``student_steps``-step DDIM latents to the teacher's
     ``teacher_steps``-step latents from the same noise and prompts (lower is better). ``halved``: the
     teacher walks the student's grid with every step split in two (what step distillation trains for)
     instead of diffusers' own ``teacher_steps`` grid. ``student_grid``: the student's path
-    (:func:`snapopt.train.sampling.student_transitions`); each pipeline is read under its own prediction type."""
-    texts = (VALIDATION_PROMPTS * (prompts // len(VALIDATION_PROMPTS) + 1))[:prompts]
+    (:func:`snapopt.train.sampling.student_transitions`); each pipeline is read under its own prediction type.
+    ``texts``: the prompts (default: snapopt.quality.VALIDATION_PROMPTS, repeated to ``prompts``)."""
+    texts = texts or (VALIDATION_PROMPTS * (prompts // len(VALIDATION_PROMPTS) + 1))[:prompts]
     cond = embed(teacher, texts, device, seed)
     uncond = embed(teacher, [""], device, seed + 1)[0]
     shape = (teacher.unet.config.in_channels, teacher.latent_size, teacher.latent_size)
@@ -32,6 +33,19 @@ def sample_distance(teacher, student, student_steps: int, teacher_steps: int, *,
     out = sample_latents(teacher, cond, uncond, steps=student_steps, cfg=cfg, shape=shape, seed=seed, device=device, unet=student.unet,
                          prediction_type=student.prediction_type, transitions=mine)
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def heldout_captions(pipe, n: int) -> list[str] | None:
+    """The zoo's first ``n`` held-out captions when ``pipe`` descends from zoo:snapshapes (the prompts its FID /
+    CLIP / attribute scores use), else None. Half of VALIDATION_PROMPTS are scenes such a model never learnt
+    ("a portrait of an astronaut"), so a distance on them says little about the distribution it serves."""
+    from snapopt.quality import snapshapes_model
+
+    if not snapshapes_model(pipe):
+        return None
+    from snapopt.zoo import shapes
+
+    return shapes.heldout_prompts(n).captions()
 
 
 def diffusers_pipeline(pipe):

@@ -203,7 +203,7 @@ def _distill_stage(data_pipe, ref, program, train: TrainOptions, loss: StepDisti
                    out_dir: Path | None, resume: bool, info, device, *, reparam_dir: Path | None = None) -> tuple[dict[str, Any], TrainResult]:
     """One N -> N/2 stage: ``program``'s UNet learns from ``ref`` (modules already on ``device``); the
     training data come from ``data_pipe`` (the loaded model), so every stage shares one latent pool."""
-    from snapopt.train.evaluation import sample_distance, zoo_metrics
+    from snapopt.train.evaluation import heldout_captions, sample_distance, zoo_metrics
     from snapopt.train.step_distill import ReparamObjective, StepDistillObjective, loss_summary, set_prediction_type
 
     n, half = loss.teacher_steps, loss.teacher_steps // 2
@@ -230,6 +230,10 @@ def _distill_stage(data_pipe, ref, program, train: TrainOptions, loss: StepDisti
     stats["student_prediction"] = program.prediction_type
     before = {"student_half_steps": sample_distance(ref, program, half, n, **kw), "teacher_half_steps": sample_distance(ref, ref, half, n, **kw),
               "halved": sample_distance(ref, program, half, n, halved=True, **kw)}
+    zoo_texts = heldout_captions(data_pipe, o.eval_prompts)  # also on the prompts the zoo scores use
+    if zoo_texts:
+        before["zoo"] = sample_distance(ref, program, half, n, texts=zoo_texts, **kw)
+        before["zoo_halved"] = sample_distance(ref, program, half, n, halved=True, texts=zoo_texts, **kw)
     obj = StepDistillObjective(ref, program.unet, train, loss, device=device, student_prediction=program.prediction_type,
                                data=_shared_data(data_pipe, train, device))
     result = Trainer(obj, train, out_dir, info=info, device=device, title=f"step_distill {n}->{half}").run(resume=resume)
@@ -238,6 +242,11 @@ def _distill_stage(data_pipe, ref, program, train: TrainOptions, loss: StepDisti
                   "teacher_at_half_steps": before["teacher_half_steps"],
                   # to the teacher on the student's grid with each step halved: the path the student was trained on
                   "distance_halved_before": before["halved"], "distance_halved_after": sample_distance(ref, program, half, n, halved=True, **kw)})
+    if zoo_texts:
+        stats.update({"distance_zoo_prompts_before": before["zoo"],
+                      "distance_zoo_prompts_after": sample_distance(ref, program, half, n, texts=zoo_texts, **kw),
+                      "distance_zoo_prompts_halved_before": before["zoo_halved"],
+                      "distance_zoo_prompts_halved_after": sample_distance(ref, program, half, n, halved=True, texts=zoo_texts, **kw)})
     if o.zoo_eval_prompts:
         stats["zoo_teacher_n"] = zoo_metrics(ref, o.zoo_eval_prompts, n, o.eval_cfg, train.seed)
         stats["zoo_teacher_half"] = zoo_metrics(ref, o.zoo_eval_prompts, half, o.eval_cfg, train.seed)
