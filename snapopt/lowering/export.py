@@ -182,12 +182,15 @@ def _onnx_jobs(wanted, ios, plan) -> list[tuple[str, str, str | None, Any]]:
     return jobs
 
 
-def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage, *, parallel: bool | None = None) -> dict[str, Any]:
+def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage, *, parallel: bool | None = None,
+                  graphs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Lower ``pipe`` as the recipe's ``export`` section asks, inside ``stage`` (the run's timed progress stages).
 
     Each component is traced once (``torch.export``) for both Core ML and ONNX. ``parallel`` (default: on with
     :data:`snapopt.lowering.parallel.MIN_CPUS` cores or more) runs the ONNX exports in a worker process while Core ML
-    lowers here: their stage timings then overlap (``result["parallel"]`` says so) and each trace is the worker's own."""
+    lowers here: their stage timings then overlap (``result["parallel"]`` says so) and each trace is the worker's own.
+    ``graphs``: the pipeline's block graphs at ``shapes`` when the caller has them (the pass manager's last captures),
+    so the report's measurements do not capture the components again."""
     from snapopt.lowering import apple, onnx
     from snapopt.lowering.parallel import OnnxWorker, use_worker
 
@@ -235,7 +238,7 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage, *, parall
                                   "Core AI lowering: their stage timings overlap those stages' (wall time each)"}
     captures: dict[str, Any] | None = {} if worker is None and spec.onnx else None
     try:
-        _lower_apple(pipe, resolved, shapes, folder, stage, wanted, targets, plan, cplan, ios, captures, result)
+        _lower_apple(pipe, resolved, shapes, folder, stage, wanted, targets, plan, cplan, ios, captures, result, graphs or {})
     except BaseException:
         if worker is not None:
             worker.close()
@@ -262,7 +265,7 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage, *, parall
     return result
 
 
-def _lower_apple(pipe, resolved, shapes, folder, stage, wanted, targets, plan, cplan, ios, captures, result) -> None:
+def _lower_apple(pipe, resolved, shapes, folder, stage, wanted, targets, plan, cplan, ios, captures, result, graphs) -> None:
     """The Core ML resources folder and the Core AI assets, lowering ``ios``' interfaces where given. ``captures``
     (a dict) keeps each component's ``torch.export`` capture for the ONNX export that follows in this process."""
     from snapopt.lowering import apple, coreml
@@ -335,7 +338,8 @@ def _lower_apple(pipe, resolved, shapes, folder, stage, wanted, targets, plan, c
         from snapopt.lowering.schemes import compression_section
 
         with stage("measure the compression scheme"):
-            result["compression_report"], lines = compression_section(pipe, shapes, comp, result["coreml"], targets)
+            result["compression_report"], lines = compression_section(pipe, shapes, comp, result["coreml"], targets,
+                                                                      graph=graphs.get("unet") if shapes.batch == 2 else None)
         apple_section = result["sections"][-1]
         result["sections"].append({"title": "Compression per target", "lines": lines})
         if spec.memory_fit and targets and {"unet", "vae_decoder", "text_encoder"} <= set(pipe.components()):

@@ -62,13 +62,19 @@ def export_onnx(pipe: Pipeline, component: str, shapes: Shapes, out_dir: Path, *
 
     ``program``: the ``torch.export`` capture of ``io.module`` at ``io.example_inputs`` when the caller already has
     it (the Core ML lowering makes the same one), so the model is traced once."""
-    import onnx
-
     from snapopt.lowering.apple import apple_io
 
     if pipe.structure_only:
         raise LoweringError(f"cannot export '{component}' of a structure-only model to ONNX: load it with weights")
     io = io or apple_io(pipe, component, shapes)
+    return export_io(io, component, out_dir, simplify=simplify, check=check, name=name, program=program)
+
+
+def export_io(io, component: str, out_dir: Path, *, simplify: bool = True, check: bool = True, name: str | None = None,
+              program=None) -> dict[str, Any]:
+    """:func:`export_onnx` of an interface already made (what the export worker receives)."""
+    import onnx
+
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name or io.package_name}.onnx"
     big = sum(p.numel() * 4 for p in io.module.parameters()) >= _PROTOBUF_LIMIT
