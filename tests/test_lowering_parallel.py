@@ -72,7 +72,11 @@ def test_worker_failure_names_the_component(tmp_path):
         worker.join()
 
 
-def test_two_cores_stay_serial():
+def test_two_cores_stay_serial(monkeypatch):
     from snapopt.lowering.parallel import use_worker
 
     assert not use_worker(2) and use_worker(16)
+    monkeypatch.setenv("SNAPOPT_EXPORT_WORKER", "1")
+    assert use_worker()
+    monkeypatch.setenv("SNAPOPT_EXPORT_WORKER", "0")
+    assert not use_worker()

@@ -25,7 +25,11 @@ MIN_CPUS = 4
 
 
 def use_worker(cpus: int | None = None) -> bool:
-    """Whether to overlap ONNX with Core ML: only where the machine has ``MIN_CPUS`` or more cores."""
+    """Whether to overlap ONNX with Core ML: where the machine has ``MIN_CPUS`` or more cores, unless the environment
+    sets ``SNAPOPT_EXPORT_WORKER`` (``0``: always serial, ``1``: always the worker; for CI and benchmarks)."""
+    forced = os.environ.get("SNAPOPT_EXPORT_WORKER", "").strip()
+    if cpus is None and forced in ("0", "1"):
+        return forced == "1"
     return (cpus if cpus is not None else (os.cpu_count() or 1)) >= MIN_CPUS
 
 
