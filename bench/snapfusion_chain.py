@@ -1,6 +1,6 @@
 """Wall time of recipes/snapfusion-train.yaml end to end, per stage, on whatever GPU runs it.
 
-Runs ``snapopt apply RECIPE --out RUN`` as a new user would, then reads the run's report.json: each pass's
+Runs ``snapopt apply RECIPE --out RUN --resume`` as a new user would, then reads the run's report.json: each pass's
 seconds, the run's stage timings (load, passes, quality, save, exports) and each training pass's own
 training seconds and images/s. Writes one JSON (default bench/results/snapfusion_chain_<card>.json).
 
@@ -85,11 +85,13 @@ def main():
     run = args.report_only or args.out
     if args.report_only is None:
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-c", "from snapopt.cli import main; main()", "apply", args.recipe, "--out", str(args.out)]
+        # --resume: a run that dies (a preempted machine, a failed export) keeps its finished passes; the same
+        # command continues it, and the report then says how many passes were reused (its timings are partial)
+        cmd = [sys.executable, "-c", "from snapopt.cli import main; main()", "apply", args.recipe, "--out", str(args.out), "--resume"]
         rc = subprocess.call(cmd)
         wall = round(time.perf_counter() - t0, 1)
         if rc:
-            sys.exit(f"snapopt apply exited {rc} after {wall} s")
+            sys.exit(f"snapopt apply exited {rc} after {wall} s; the same command continues it (--resume)")
     res = {"device": card(), "recipe": os.path.relpath(args.recipe, ROOT), "wall_seconds": wall, **summarise(run)}
     name = res["device"].replace("NVIDIA ", "").split()[0].lower()
     out = args.json or ROOT / "bench" / "results" / f"{args.name}_{name}.json"

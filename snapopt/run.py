@@ -27,7 +27,7 @@ from snapopt.capture import block_graph
 from snapopt.core import PassContext, PassManager
 from snapopt.checks.model import check_pipeline_outputs, check_pipeline_weights
 from snapopt.checks.output import check_output_dir
-from snapopt.errors import raise_pending_signal
+from snapopt.errors import UsageError, raise_pending_signal
 from snapopt.devices.report import latency_report, pipeline_report
 from snapopt.lowering.export import lower_exports
 from snapopt.lowering.interfaces import Shapes
@@ -61,6 +61,7 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, r
         report_progress(msg)
 
     out_dir = Path(out_dir)
+    check_export_dependencies(recipe)
     check_output_dir(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = WorkFolder.open(out_dir, resolved, resume=resume, overwrite=overwrite)  # checks only: removes nothing of a resumable run
@@ -154,6 +155,32 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, r
         work.close(keep=resume)
         raise
     return RunResult(out_dir=out_dir, report=report, pipeline=pipe, timings=timings)
+
+
+#: what each export needs importable, by recipe field: (module, pip requirement)
+EXPORT_DEPENDENCIES = {
+    "coreml": [("coremltools", "coremltools")],
+    "onnx": [("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime"), ("onnxsim", "onnxsim")],
+    "coreai": [("coreai_torch", "coreai-torch"), ("coreai.runtime", "coreai-core")],
+}
+
+
+def check_export_dependencies(recipe) -> None:
+    """Refuse, before anything is loaded or trained, a recipe whose exports cannot import their converter:
+    otherwise the run finds out after its passes (a GPU chain: after 12 minutes of training)."""
+    import importlib.util
+
+    for field_name, needs in EXPORT_DEPENDENCIES.items():
+        if not getattr(recipe.export, field_name, False):
+            continue
+        for module, requirement in needs:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:  # a dotted name whose parent package is missing
+                found = False
+            if not found:
+                raise UsageError(f"export.{field_name}: needs the '{module}' module, which is not installed "
+                                 f"(pip install {requirement}, or set export.{field_name}: false); nothing was run")
 
 
 #: what "quality retained" measures when the recipe says nothing: the output at ``steps`` (or the step-distilled

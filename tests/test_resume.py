@@ -225,3 +225,17 @@ def test_stale_cleanup_keeps_work_folders(tmp_path):
         (d / "sub").mkdir(parents=True)
     removed = cleanup_stale_runs(parent / "next")
     assert sorted(removed) == sorted(junk) and all(d.is_dir() for d in keep)
+
+
+def test_missing_exporter_is_refused_before_any_pass(tmp_path, capsys, monkeypatch):
+    """export.coreml without coremltools importable: one line, exit 2, before the model loads or a pass trains
+    (found on a GPU machine after a 12-minute chain had trained and then died in its Core ML export)."""
+    import importlib.util
+
+    recipe, out = _recipe(tmp_path), tmp_path / "runs" / "run"
+    recipe.write_text(recipe.read_text().replace("export: {coreml: false, onnx: false}", "export: {coreml: true, onnx: false}"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "coremltools" else real(name, *a))
+    code, err = _cli([recipe, "--out", out], capsys)
+    assert code == 2 and len(err) == 1 and "export.coreml" in err[0] and "coremltools" in err[0], err
+    assert not out.exists() and not work_folder(out).exists()
