@@ -76,6 +76,7 @@ def test_two_cores_stay_serial(monkeypatch):
     from snapopt.lowering.parallel import use_worker
 
     assert not use_worker(2) and use_worker(16)
+    assert use_worker(16, weight_bytes=1 << 30, ram=64 << 30) and not use_worker(16, weight_bytes=16 << 30, ram=64 << 30)
     monkeypatch.setenv("SNAPOPT_EXPORT_WORKER", "1")
     assert use_worker()
     monkeypatch.setenv("SNAPOPT_EXPORT_WORKER", "0")

@@ -231,7 +231,8 @@ def lower_exports(pipe, resolved, shapes: Shapes, folder: Path, stage, *, parall
             raise LoweringError(f"cannot export '{wanted[0]}' of a structure-only model to ONNX: load it with weights")
         ios = {c: apple.apple_io(pipe, c, shapes) for c in wanted}
         if parallel is None:
-            parallel = bool(spec.coreml or spec.coreai) and use_worker()
+            weights = sum(t.numel() * t.element_size() for io in ios.values() for t in io.module.state_dict().values())
+            parallel = bool(spec.coreml or spec.coreai) and use_worker(weight_bytes=weights)
         if parallel:
             worker = OnnxWorker(_onnx_jobs(wanted, ios, plan), folder / "onnx", check=spec.onnx_check, stage=stage).start()
             result["parallel"] = {"onnx_worker": True, "note": "ONNX exports ran in a worker process alongside the Core ML / "

@@ -24,12 +24,27 @@ from snapopt.errors import LoweringError
 MIN_CPUS = 4
 
 
-def use_worker(cpus: int | None = None) -> bool:
-    """Whether to overlap ONNX with Core ML: where the machine has ``MIN_CPUS`` or more cores, unless the environment
-    sets ``SNAPOPT_EXPORT_WORKER`` (``0``: always serial, ``1``: always the worker; for CI and benchmarks)."""
+#: the worker gets its own copy of the weights (pickled): only where they take at most this share of the RAM
+MAX_RAM_SHARE = 0.2
+
+
+def ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def use_worker(cpus: int | None = None, weight_bytes: int = 0, ram: int | None = None) -> bool:
+    """Whether to overlap ONNX with Core ML: where the machine has ``MIN_CPUS`` or more cores and the exported
+    weights (``weight_bytes``, copied into the worker) fit ``MAX_RAM_SHARE`` of its RAM, unless the environment sets
+    ``SNAPOPT_EXPORT_WORKER`` (``0``: always serial, ``1``: always the worker; for CI and benchmarks)."""
     forced = os.environ.get("SNAPOPT_EXPORT_WORKER", "").strip()
     if cpus is None and forced in ("0", "1"):
         return forced == "1"
+    ram = ram if ram is not None else ram_bytes()
+    if ram is not None and weight_bytes > MAX_RAM_SHARE * ram:
+        return False
     return (cpus if cpus is not None else (os.cpu_count() or 1)) >= MIN_CPUS
 
 
