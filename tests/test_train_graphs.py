@@ -121,15 +121,16 @@ class _Custom:
 
 
 @pytest.mark.parametrize("case, match", [
-    ("robust", r"^recover: cuda_graphs cannot capture robust training"),
     ("ddp", r"^recover: cuda_graphs is single-process only"),
     ("checkpointing", r"^recover: cuda_graphs and gradient_checkpointing cannot be combined"),
     ("compile", r"^recover: cuda_graphs and compile cannot be combined"),
-    ("custom", r"^custom: cuda_graphs supports the recover, decoder_distill, step_distill and reparametrise objectives only"),
+    ("custom", r"^custom: cuda_graphs supports the recover \(robust training included\), decoder_distill, step_distill and "
+               r"reparametrise objectives only"),
+    ("custom_skipping", r"^custom: cuda_graphs cannot capture random block skipping in this objective"),
 ])
 def test_refusals(tiny_pipe, case, match):
     """What a captured step cannot hold fails before training starts, in one line, on CPU as on the GPU."""
-    from snapopt.train import RecoverLoss, RobustOptions, Trainer
+    from snapopt.train import RecoverLoss, Trainer
     from snapopt.train.dist import DistInfo
     from snapopt.train.recover import RecoverObjective
 
@@ -137,13 +138,14 @@ def test_refusals(tiny_pipe, case, match):
     before = copy.deepcopy(unet.state_dict())
     extra = {"checkpointing": {"gradient_checkpointing": True}, "compile": {"compile": {"backend": "eager"}}}.get(case, {})
     o = _opts(cuda_graphs=True, **extra)
-    robust = RobustOptions(attention=0.5) if case == "robust" else RobustOptions()
-    obj = _Custom() if case == "custom" else RecoverObjective(tiny_pipe, unet, o, RecoverLoss(), robust, device=CPU)
+    obj = _Custom() if case.startswith("custom") else RecoverObjective(tiny_pipe, unet, o, RecoverLoss(), device=CPU)
+    if case == "custom_skipping":
+        obj.skips_blocks = True
     info = DistInfo(rank=0, world=2) if case == "ddp" else DistInfo()
     with pytest.raises(UsageError, match=match) as err:
         Trainer(obj, o, None, info=info, device=CPU).run()
     assert "\n" not in str(err.value)
-    if case != "custom":
+    if not case.startswith("custom"):
         obj.close()
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())  # nothing was trained
 

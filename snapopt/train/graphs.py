@@ -15,7 +15,9 @@ A graph replays fixed device addresses with fixed shapes, so a step is split in 
 
 Whatever changes per step is a device tensor that the host refills before a replay: the LR (AdamW
 ``capturable``) and the EMA weight. Step distillation draws guidance per step, which changes the batch
-shape, so it gets one graph for guided steps and one for plain steps. Each kind of step runs
+shape, so it gets one graph for guided steps and one for plain steps. Robust training's random block
+skipping is a gate vector: every candidate block runs and a select hands on its input where it is skipped,
+and the optimizer step is undone for the skipped blocks (snapopt.train.robust.SkipGates). Each kind of step runs
 :data:`WARMUP_STEPS` real steps eagerly on a side stream before capture, for cuDNN autotuning, the cuBLAS
 workspaces and the optimizer state.
 
@@ -26,7 +28,7 @@ that path with the ordinary loop.
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
@@ -41,14 +43,14 @@ from snapopt.train.dist import DistInfo, shard, step_generator
 
 #: eager steps per kind of step before it is captured (cuDNN autotuning, cuBLAS handles, optimizer state)
 WARMUP_STEPS = 3
-SUPPORTED = "recover, decoder_distill, step_distill and reparametrise"
+SUPPORTED = "recover (robust training included), decoder_distill, step_distill and reparametrise"
 
 
 def refuse_incompatible(obj, o, info: DistInfo) -> None:
     """One clear line for what a captured step cannot hold; called before anything is trained."""
     name = getattr(obj, "name", type(obj).__name__)
-    if getattr(obj, "skips_blocks", False):
-        raise UsageError(f"{name}: cuda_graphs cannot capture robust training (random block skipping changes the "
+    if getattr(obj, "skips_blocks", False) and not hasattr(_adapter_class(obj) or object, "optimizer_step"):
+        raise UsageError(f"{name}: cuda_graphs cannot capture random block skipping in this objective (it changes the "
                          "graph every step); turn off cuda_graphs or robust")
     if info.enabled:
         raise UsageError(f"{name}: cuda_graphs is single-process only (not under torchrun with parallel: {o.parallel}); "
@@ -112,18 +114,43 @@ def _batch_tensors(b: Batch, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 class RecoverStep:
-    """RecoverObjective: its own ``loss()`` runs in the graph, fed the static batch and a device schedule."""
+    """RecoverObjective: its own ``loss()`` runs in the graph, fed the static batch and a device schedule.
+
+    Robust training (random block skipping) is held as data: the step's draw, made eagerly from the same
+    generator as the ordinary loop, fills a static gate vector; the captured forward gates every candidate
+    block and the captured optimizer step undoes itself for the skipped ones (snapopt.train.robust.SkipGates)."""
 
     def __init__(self, obj, o, device: torch.device):
+        from snapopt.train.robust import SkipGates
+
         self.obj, self.o, self.device = obj, o, device
         self.sched = DeviceSchedule(obj.sched, device)
+        self.gates = SkipGates(obj.student, obj.skipper) if obj.skipper is not None and obj.skipper.candidates else None
 
     def inputs(self, step: int, info: DistInfo) -> StepInputs:
-        return StepInputs(None, _batch_tensors(self.obj.data.batch(step, self.o.batch, info), self.device))
+        tensors = _batch_tensors(self.obj.data.batch(step, self.o.batch, info), self.device)
+        host = {}
+        if self.obj.skipper is not None:
+            names = []
+            if self.gates is not None:
+                names, skip = self.gates.draw(step_generator(self.o.seed, step, stream=1))  # RecoverObjective.loss's draw
+                tensors["skip"] = to_device(skip, self.device)
+            for name in names:
+                self.obj.skip_counts[name] = self.obj.skip_counts.get(name, 0) + 1
+            host["skipped"] = float(len(names))
+        return StepInputs(None, tensors, host)
 
     def compute(self, key, s: dict[str, torch.Tensor], info: DistInfo):
-        with _swapped(self.obj, data=_StaticSource(s), sched=self.sched):
-            return self.obj.loss(0, info)  # the static source ignores the step; no robust skipping here
+        gated = self.gates.gated(s["skip"]) if self.gates is not None else nullcontext()
+        with _swapped(self.obj, data=_StaticSource(s), sched=self.sched, skipper=None), gated:
+            loss, parts = self.obj.loss(0, info)  # the static source ignores the step; the gates skip, not the objective
+        if self.obj.skipper is not None:
+            parts["skipped"] = None  # a host number: filled from inputs()
+        return loss, parts
+
+    def optimizer_step(self, opt: torch.optim.Optimizer, s: dict[str, torch.Tensor]):
+        """The optimizer step, undone for the parameters of blocks this step skipped."""
+        return self.gates.frozen(opt, s["skip"]) if self.gates is not None else nullcontext()
 
 
 class StepDistillStep:
@@ -279,7 +306,9 @@ class GraphedStep:
         loss.backward()
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.opt.step()
+        masked = getattr(self.adapter, "optimizer_step", None)
+        with masked(self.opt, static) if masked is not None else nullcontext():
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)  # the gradients are temporaries of the graph's memory pool
         if self.ema is not None:
             self.ema.lerp_(self.module, self.ema_weight)

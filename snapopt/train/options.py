@@ -83,9 +83,10 @@ class TrainOptions(_Opts):
     cudnn_benchmark: bool | None = Field(None, description="let cuDNN time its convolution algorithms; default: on CUDA")
     cuda_graphs: bool | None = Field(None, description="capture the whole training step (forward, backward, optimizer) as one "
                                                        "CUDA graph and replay it: no per-kernel host launches, no compilation; "
-                                                       "needs a fixed architecture and static shapes (recover, decoder_distill, step_distill, "
-                                                       "reparametrise); refused with robust training, torchrun, gradient_checkpointing, "
-                                                       "compile; on CPU the same step runs uncaptured; default: off")
+                                                       "needs static shapes (recover, decoder_distill, step_distill, reparametrise); "
+                                                       "robust training's random block skipping is captured as per-step gates (same "
+                                                       "training as eager); refused with torchrun, gradient_checkpointing, compile; "
+                                                       "on CPU the same step runs uncaptured; default: off")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp (replicated) or fsdp (FSDP2 fully_shard "
                                                                  "per UNet block: parameters, gradients and optimizer state sharded)")
 

@@ -3,11 +3,21 @@ per-kind probability, so that the architecture search (and later removal) of blo
 
 The choice is drawn from the step's generator, so every DDP rank skips the same blocks and a resumed run
 skips what the original would have.
+
+Two ways to skip, same training:
+
+* :meth:`RandomSkipper.context` (the ordinary loop): the chosen blocks are swapped for identity stand-ins,
+  their parameters get no gradient and AdamW leaves them alone (no moment decay, no weight decay, no step).
+* :class:`SkipGates` (``cuda_graphs``): the skip decision is data, not structure, so one captured graph
+  holds every draw. Each candidate block computes and its output is replaced by its input where its gate
+  is set; the optimizer step of a skipped block's parameters and state is undone, so they stay as the
+  ordinary loop leaves them.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -37,3 +47,99 @@ class RandomSkipper:
 
     def context(self, names: list[str]):
         return skip_blocks(self.unet, names) if names else nullcontext()
+
+
+def _select(skip: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x`` where ``skip`` else ``y``, exactly (torch.where copies the chosen operand's values)."""
+    if x.dtype != y.dtype:  # keep the computed branch exact; a skipped block hands on its input in the block's dtype
+        x = x.to(y.dtype)
+    return torch.where(skip, x, y)
+
+
+def _gated_output(skip: torch.Tensor, x: torch.Tensor, out):
+    """The block's output with its tensor replaced by the select, in the block's own return type: a ResNet
+    or a bare Attention returns a tensor, a Transformer2DModel a 1-tuple (``return_dict=False``) or an output
+    object with ``.sample`` (what :class:`~snapopt.models.blocks.SkippedBlock` returns in each case)."""
+    if torch.is_tensor(out):
+        return _select(skip, x, out)
+    if isinstance(out, tuple):
+        return (_select(skip, x, out[0]),) + tuple(out[1:])
+    if hasattr(out, "sample"):
+        out.sample = _select(skip, x, out.sample)
+        return out
+    raise TypeError(f"robust training: cannot gate a block returning {type(out).__name__}")
+
+
+class SkipGates:
+    """Robust training as a fixed graph: the step's draw (the same generator and draw order as
+    :meth:`RandomSkipper.choose`) becomes a bool vector, one entry per candidate block.
+
+    Why the optimizer step is undone instead of letting zero gradients through: in the ordinary loop a
+    skipped block's parameters get no gradient, so AdamW skips them entirely (no momentum step, no weight
+    decay, no step count). Zero gradients would still move them by their momentum and decay. Undoing the
+    step keeps the ordinary loop's semantics, so the graphed path trains what the eager path trains (and
+    what SnapFusion describes: a skipped block is not part of that step's network). The only difference is
+    gradient clipping: the global norm sums exact zeros for the skipped blocks, which can change its last bit.
+    """
+
+    def __init__(self, unet: nn.Module, skipper: RandomSkipper):
+        self.unet, self.skipper = unet, skipper
+        self.names = [name for name, _ in skipper.candidates]
+        self._params: list[list[nn.Parameter]] | None = None
+
+    def draw(self, gen: torch.Generator) -> tuple[list[str], torch.Tensor]:
+        """The skipped blocks' names and the gate vector (True: skipped) of one step."""
+        names = self.skipper.choose(gen)
+        chosen = set(names)
+        return names, torch.tensor([n in chosen for n in self.names], dtype=torch.bool)
+
+    @contextmanager
+    def gated(self, skip: torch.Tensor) -> Iterator[None]:
+        """Within the context, candidate ``i`` hands on its input where ``skip[i]`` is set (forward hooks,
+        so module names, the state dict and feature hooks are untouched)."""
+        handles = []
+        try:
+            for i, name in enumerate(self.names):
+                handles.append(self.unet.get_submodule(name).register_forward_hook(self._hook(skip, i), with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @staticmethod
+    def _hook(skip: torch.Tensor, i: int):
+        def hook(module, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            return _gated_output(skip[i], x, out)
+
+        return hook
+
+    @contextmanager
+    def frozen(self, opt: torch.optim.Optimizer, skip: torch.Tensor) -> Iterator[None]:
+        """Undo, for the skipped blocks, what the optimizer step in the context did: their parameters and
+        optimizer state (moments, step count) come back bit for bit; state the step created is reset to the
+        zeros AdamW starts from (the same as no state). Device-only (masks multiply), so it can be captured."""
+        groups = self._groups(opt)
+        with torch.no_grad():
+            before = []
+            for params in groups:
+                olds = list(params) + [v for p in params for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
+                before.append((params, olds, torch._foreach_mul(olds, 1.0) if olds else []))
+        yield
+        with torch.no_grad():
+            on = skip.to(torch.float32)
+            off = 1.0 - on
+            for i, (params, olds, saved) in enumerate(before):
+                if olds:
+                    torch._foreach_mul_(olds, off[i])
+                    torch._foreach_add_(olds, torch._foreach_mul(saved, on[i]))
+                known = {id(t) for t in olds}
+                new = [v for p in params for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and id(v) not in known]
+                if new:  # state created by this step: back to AdamW's zeros where the block was skipped
+                    torch._foreach_mul_(new, off[i])
+
+    def _groups(self, opt: torch.optim.Optimizer) -> list[list[nn.Parameter]]:
+        if self._params is None:
+            trained = {id(p) for g in opt.param_groups for p in g["params"]}
+            self._params = [[p for p in self.unet.get_submodule(n).parameters() if id(p) in trained] for n in self.names]
+        return self._params
