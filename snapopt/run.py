@@ -128,7 +128,7 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, r
             with stage("save model"):
                 save(pipe, tmp / "model", dtype=getattr(torch, recipe.output.dtype))
 
-        exports = lower_exports(pipe, resolved, shapes, tmp / "exports", stage)
+        exports = lower_exports(pipe, resolved, shapes, tmp / "exports", stage, graphs=after)  # the manager's captures, not new ones
 
         for comp, g in after.items():
             (tmp / "blocks").mkdir(exist_ok=True)
@@ -139,6 +139,8 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, r
         report["quality"] = quality
         report["scheduler"] = scheduler_note(ctx.teacher, pipe)
         report["timings"] = dict(timings)
+        if exports.get("parallel"):  # the ONNX stages ran beside the Core ML ones: their times overlap
+            report["timings_note"] = exports["parallel"]["note"]
         if done:
             report["resumed"] = {"passes_reused": len(done)}
         with stage("report"):
