@@ -43,6 +43,8 @@ def step_distill_summary(stats: dict) -> dict:
     (epsilon -> v: how far it moved the model's own samples) and the student's distances and zoo scores."""
     keep = ("teacher_steps", "student_steps", "grid", "teacher_prediction", "student_prediction", "distance_before", "distance_after",
             "teacher_at_half_steps", "distance_halved_before", "distance_halved_after", "reparametrise", "seconds",
+            "distance_zoo_prompts_before", "distance_zoo_prompts_after", "distance_zoo_prompts_halved_before",
+            "distance_zoo_prompts_halved_after",
             "zoo_teacher_n", "zoo_teacher_half", "zoo_student_half", "distill_cfg_first", "distill_cfg_last")
     out = {k: stats[k] for k in keep if k in stats}
     if stats.get("teacher_distill"):

@@ -127,9 +127,20 @@ class StepDistill(_TrainingPass):
                 ("… after", stats["distance_after"]), (f"teacher itself at {h} steps", stats["teacher_at_half_steps"]),
                 (f"distance to the teacher on the halved {h}-step grid, before → after",
                  f"{_fmt(stats['distance_halved_before'])} → {_fmt(stats['distance_halved_after'])}"),
+                *_zoo_distance_rows(stats, n, h),
                 ("steps", stats["steps"]), ("images/s", stats["images_per_second"]), *losses,
             *_zoo_rows(stats, {"zoo_teacher_n": f"teacher, {n} steps", "zoo_teacher_half": f"teacher, {h} steps",
                                "zoo_student_half": f"student, {h} steps"})]
+
+
+def _zoo_distance_rows(stats: dict, n: int, h: int) -> list[tuple[str, object]]:
+    """The same distances on the zoo's held-out captions (zoo teachers only): the prompts its scores use."""
+    if stats.get("distance_zoo_prompts_before") is None:
+        return []
+    return [(f"… on the zoo's held-out prompts: {h}-step student to {n}-step teacher, before → after",
+             f"{_fmt(stats['distance_zoo_prompts_before'])} → {_fmt(stats['distance_zoo_prompts_after'])}"),
+            ("… on the zoo's held-out prompts, halved grid, before → after",
+             f"{_fmt(stats['distance_zoo_prompts_halved_before'])} → {_fmt(stats['distance_zoo_prompts_halved_after'])}")]
 
 
 def _stage_rows(stats: dict) -> list[tuple[str, object]]:

@@ -102,3 +102,19 @@ def _info():
     from snapopt.train.dist import DistInfo
 
     return DistInfo()
+
+
+def test_report_shows_the_distance_on_the_zoo_prompts_when_measured():
+    """A zoo teacher's step_distill report row pairs before → after on the held-out captions; others have none."""
+    from snapopt.passes.recover import StepDistill
+
+    p = StepDistill({"train": {"steps": 1, "batch": 2}, "loss": {"teacher_steps": 4}})
+    stats = {"teacher_steps": 16, "student_steps": 8, "distance_before": 0.36, "distance_after": 0.58, "teacher_at_half_steps": 0.4,
+             "distance_halved_before": 0.32, "distance_halved_after": 0.57, "steps": 300, "images_per_second": 1.0}
+    _, rows = p.report_rows(stats)
+    assert not any("held-out prompts" in str(label) for label, _ in rows)
+    stats.update(distance_zoo_prompts_before=0.2175, distance_zoo_prompts_after=0.1672,
+                 distance_zoo_prompts_halved_before=0.2020, distance_zoo_prompts_halved_after=0.1540)
+    _, rows = p.report_rows(stats)
+    zoo = {label: value for label, value in rows if "held-out prompts" in str(label)}
+    assert len(zoo) == 2 and any("0.2175 → 0.1672" in str(v) or "0.217 → 0.167" in str(v) for v in zoo.values()), zoo
