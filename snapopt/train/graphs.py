@@ -116,16 +116,14 @@ def _batch_tensors(b: Batch, device: torch.device) -> dict[str, torch.Tensor]:
 class RecoverStep:
     """RecoverObjective: its own ``loss()`` runs in the graph, fed the static batch and a device schedule.
 
-    Robust training (random block skipping) is held as data: the step's draw, made eagerly from the same
-    generator as the ordinary loop, fills a static gate vector; the captured forward gates every candidate
+    Robust training (random block skipping) is data here as in the ordinary loop: the step's draw, made
+    eagerly from the same generator, fills a static gate vector; the captured forward gates every candidate
     block and the captured optimizer step undoes itself for the skipped ones (snapopt.train.robust.SkipGates)."""
 
     def __init__(self, obj, o, device: torch.device):
-        from snapopt.train.robust import SkipGates
-
         self.obj, self.o, self.device = obj, o, device
         self.sched = DeviceSchedule(obj.sched, device)
-        self.gates = SkipGates(obj.student, obj.skipper) if obj.skipper is not None and obj.skipper.candidates else None
+        self.gates = obj.gates
 
     def inputs(self, step: int, info: DistInfo) -> StepInputs:
         tensors = _batch_tensors(self.obj.data.batch(step, self.o.batch, info), self.device)
@@ -133,17 +131,15 @@ class RecoverStep:
         if self.obj.skipper is not None:
             names = []
             if self.gates is not None:
-                names, skip = self.gates.draw(step_generator(self.o.seed, step, stream=1))  # RecoverObjective.loss's draw
+                names, skip = self.obj.draw_skips(step)
                 tensors["skip"] = to_device(skip, self.device)
-            for name in names:
-                self.obj.skip_counts[name] = self.obj.skip_counts.get(name, 0) + 1
             host["skipped"] = float(len(names))
         return StepInputs(None, tensors, host)
 
     def compute(self, key, s: dict[str, torch.Tensor], info: DistInfo):
         gated = self.gates.gated(s["skip"]) if self.gates is not None else nullcontext()
-        with _swapped(self.obj, data=_StaticSource(s), sched=self.sched, skipper=None), gated:
-            loss, parts = self.obj.loss(0, info)  # the static source ignores the step; the gates skip, not the objective
+        with _swapped(self.obj, data=_StaticSource(s), sched=self.sched, gates=None), gated:
+            loss, parts = self.obj.loss(0, info)  # the static source ignores the step; the static gates skip
         if self.obj.skipper is not None:
             parts["skipped"] = None  # a host number: filled from inputs()
         return loss, parts

@@ -10,6 +10,8 @@ end of the schedule (SnapGen, Sec. 4.1; this is our reading of it).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -18,7 +20,7 @@ from snapopt.train.data import LatentSource
 from snapopt.train.diffusion import Schedule
 from snapopt.train.features import FeatureMatcher
 from snapopt.train.options import RecoverLoss, RobustOptions, TrainOptions
-from snapopt.train.robust import RandomSkipper
+from snapopt.train.robust import RandomSkipper, SkipGates
 from snapopt.train.dist import DistInfo, step_generator
 
 
@@ -40,6 +42,9 @@ class RecoverObjective:
         self.matcher = FeatureMatcher(self.teacher_fwd.module, student_unet, loss.stages or None) if loss.feature_kd > 0 else None
         self.skipper = RandomSkipper(student_unet, robust) if robust.enabled else None
         self.skips_blocks = self.skipper is not None
+        #: robust skipping as data (a gate per candidate block), the same computation as the captured step
+        self.gates = SkipGates(student_unet, self.skipper) if self.skipper is not None and self.skipper.candidates else None
+        self._skip: torch.Tensor | None = None  # this step's gates, for optimizer_step()
         self.forward_model: nn.Module = student_unet
         self.skip_counts: dict[str, int] = {}
 
@@ -54,10 +59,11 @@ class RecoverObjective:
         t_out = None
         if want_teacher:
             t_out = self.teacher_fwd(x_t, t, b.cond, return_dict=False)[0]
-        skipped = self.skipper.choose(step_generator(self.train_o.seed, step, stream=1)) if self.skipper else []
-        for name in skipped:
-            self.skip_counts[name] = self.skip_counts.get(name, 0) + 1
-        ctx = self.skipper.context(skipped) if self.skipper else torch.enable_grad()
+        skipped, ctx = [], nullcontext()
+        if self.gates is not None:
+            skipped, skip = self.draw_skips(step)
+            self._skip = skip.to(x_t.device)
+            ctx = self.gates.gated(self._skip)
         with ctx:
             s_out = self.forward_model(x_t, t, b.cond, return_dict=False)[0]
         task = per_sample_mse(s_out, self.sched.target(b.x0, b.noise, b.t))
@@ -76,6 +82,18 @@ class RecoverObjective:
         if self.skipper is not None:
             logged["skipped"] = float(len(skipped))
         return total.mean(), logged
+
+    def draw_skips(self, step: int) -> tuple[list[str], torch.Tensor]:
+        """The blocks robust training skips at ``step`` (the step's seeded generator, so every DDP rank and a
+        resumed run draw the same), counted in ``skip_counts``, and their gate vector."""
+        names, skip = self.gates.draw(step_generator(self.train_o.seed, step, stream=1))
+        for name in names:
+            self.skip_counts[name] = self.skip_counts.get(name, 0) + 1
+        return names, skip
+
+    def optimizer_step(self, opt: torch.optim.Optimizer):
+        """Around ``opt.step()``: undo the step for the blocks this step skipped (snapopt.train.robust.SkipGates)."""
+        return self.gates.frozen(opt, self._skip) if self.gates is not None and self._skip is not None else nullcontext()
 
     def _scaled(self, kd: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         if not self.lo.timestep_scaling:

@@ -4,26 +4,23 @@ per-kind probability, so that the architecture search (and later removal) of blo
 The choice is drawn from the step's generator, so every DDP rank skips the same blocks and a resumed run
 skips what the original would have.
 
-Two ways to skip, same training:
-
-* :meth:`RandomSkipper.context` (the ordinary loop): the chosen blocks are swapped for identity stand-ins,
-  their parameters get no gradient and AdamW leaves them alone (no moment decay, no weight decay, no step).
-* :class:`SkipGates` (``cuda_graphs``): the skip decision is data, not structure, so one captured graph
-  holds every draw. Each candidate block computes and its output is replaced by its input where its gate
-  is set; the optimizer step of a skipped block's parameters and state is undone, so they stay as the
-  ordinary loop leaves them.
+The skip decision is data, not structure (:class:`SkipGates`), in the ordinary loop and in a captured CUDA
+graph alike: every candidate block runs, a select hands on its input where it is skipped, and the optimizer
+step is undone for a skipped block's parameters. So one graph holds every draw, and the eager and graphed
+paths run the same kernels (bit-identical on CPU). Blocks a pass already removed are skipped structurally
+(``snapopt.models.skipping.skip_blocks``): they are not candidates.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from snapopt.errors import UsageError
-from snapopt.models.skipping import skip_blocks, skippable_blocks
+from snapopt.models.skipping import skippable_blocks
 from snapopt.train.options import RobustOptions
 
 
@@ -44,9 +41,6 @@ class RandomSkipper:
             return []
         draws = torch.rand(len(self.candidates), generator=gen)
         return [name for (name, p), u in zip(self.candidates, draws.tolist()) if u < p]
-
-    def context(self, names: list[str]):
-        return skip_blocks(self.unet, names) if names else nullcontext()
 
 
 def _select(skip: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -71,15 +65,17 @@ def _gated_output(skip: torch.Tensor, x: torch.Tensor, out):
 
 
 class SkipGates:
-    """Robust training as a fixed graph: the step's draw (the same generator and draw order as
-    :meth:`RandomSkipper.choose`) becomes a bool vector, one entry per candidate block.
+    """Random block skipping as data: the step's draw (the same generator and draw order as
+    :meth:`RandomSkipper.choose`) becomes a bool vector, one gate per candidate block.
 
-    Why the optimizer step is undone instead of letting zero gradients through: in the ordinary loop a
-    skipped block's parameters get no gradient, so AdamW skips them entirely (no momentum step, no weight
-    decay, no step count). Zero gradients would still move them by their momentum and decay. Undoing the
-    step keeps the ordinary loop's semantics, so the graphed path trains what the eager path trains (and
-    what SnapFusion describes: a skipped block is not part of that step's network). The only difference is
-    gradient clipping: the global norm sums exact zeros for the skipped blocks, which can change its last bit.
+    Why the optimizer step is undone, not left to zero gradients: a skipped block is not part of that step's
+    network (SnapFusion), and when it was swapped out structurally its parameters got no gradient, so AdamW
+    skipped them (no momentum step, no weight decay, no step count). Zero gradients would still move them by
+    their momentum and decay. Undoing the step keeps those semantics: a skipped block's parameters and
+    optimizer state are bit-identical across the step. What differs from structural skipping is rounding
+    only: gradient sums can add in another order (a structurally skipped block aliases its input) and the
+    clipping norm sums exact zeros; and each skipped block's compute is spent and discarded (~p of the
+    candidates' FLOPs), the price of one fixed graph (and of DDP without find_unused_parameters).
     """
 
     def __init__(self, unet: nn.Module, skipper: RandomSkipper):

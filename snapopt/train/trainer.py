@@ -41,6 +41,9 @@ class Objective(Protocol):
 
     def loss(self, step: int, info: dist.DistInfo) -> tuple[torch.Tensor, dict[str, float]]: ...
 
+    # optional: ``optimizer_step(opt)``, a context around ``opt.step()`` (robust training undoes the step for
+    # the blocks it skipped, see snapopt.train.robust.SkipGates)
+
 
 @dataclass
 class TrainResult:
@@ -192,7 +195,9 @@ class Trainer:
         if info.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            unused = o.find_unused_parameters if o.find_unused_parameters is not None else getattr(self.obj, "skips_blocks", False)
+            # random skipping leaves parameters without gradients, unless it is gated (every block runs, robust.SkipGates)
+            skipping = getattr(self.obj, "skips_blocks", False) and getattr(self.obj, "gates", None) is None
+            unused = o.find_unused_parameters if o.find_unused_parameters is not None else skipping
             forward = DDP(module, device_ids=[self.device] if self.device.type == "cuda" else None, find_unused_parameters=unused)
         self.compiled = o.compile is not None and o.compile.student and not getattr(self.obj, "skips_blocks", False)
         if self.compiled:  # random block skipping changes the graph every step: it stays eager
@@ -214,6 +219,7 @@ class Trainer:
 
             bar = tqdm(total=o.steps, initial=start, desc=self.title, dynamic_ncols=True, leave=False)
         log = _PendingLog(self.obj.name, info, self.device, history, bar)
+        masked_step = getattr(self.obj, "optimizer_step", None)
         timed_steps, timed = 0, 0.0
         t_run = time.perf_counter()
         stop = o.steps if until is None else min(until, o.steps)
@@ -231,7 +237,8 @@ class Trainer:
                 loss.backward()
                 if o.optim.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, o.optim.grad_clip)
-                opt.step()
+                with masked_step(opt) if masked_step is not None else nullcontext():  # robust: skipped blocks stay put
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update(trained, step)
