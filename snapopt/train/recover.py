@@ -62,7 +62,7 @@ class RecoverObjective:
         skipped, ctx = [], nullcontext()
         if self.gates is not None:
             skipped, skip = self.draw_skips(step)
-            self._skip = skip.to(x_t.device)
+            self._skip = to_device(skip, x_t.device)  # pinned: no stall of the queue
             ctx = self.gates.gated(self._skip)
         with ctx:
             s_out = self.forward_model(x_t, t, b.cond, return_dict=False)[0]
