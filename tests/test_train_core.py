@@ -68,26 +68,32 @@ def test_feature_map_survives_block_removal(tiny_pipe):
 
 
 def test_robust_training_skips_blocks(tiny_pipe):
-    from snapopt.models.skipping import skippable_blocks
+    """A skipped block hands on its input (gated: snapopt.train.robust.SkipGates): with p=1 the student's output
+    is the structurally skipped model's, with p=0 the whole model's; the model is left as it was."""
+    from snapopt.models.skipping import skip_blocks, skippable_blocks
     from snapopt.train import RecoverLoss, RobustOptions
     from snapopt.train.dist import DistInfo
     from snapopt.train.recover import RecoverObjective
 
     student = tiny_pipe.clone(["unet"])
     attn = [n for n, k in skippable_blocks(student.unet).items() if k == "attention"]
-    calls = {n: 0 for n in attn}
-    for n in attn:
-        student.unet.get_submodule(n).register_forward_hook(lambda *a, n=n: calls.__setitem__(n, calls[n] + 1))
+    seen = []
+    hook = student.unet.register_forward_hook(lambda m, a, kw, out: seen.append((a, kw, out[0].detach())), with_kwargs=True)
     o = _train()
-    for p, expect_called in ((1.0, 0), (0.0, len(attn))):
+    for p, skipped in ((1.0, attn), (0.0, [])):
         obj = RecoverObjective(tiny_pipe, student.unet, o, RecoverLoss(output_kd=0, feature_kd=0), RobustOptions(attention=p) if p else RobustOptions(),
                                device=CPU)
-        for n in calls:
-            calls[n] = 0
-        obj.loss(0, DistInfo())
-        assert sum(1 for n in attn if calls[n]) == expect_called
-    # the model is whole again afterwards
+        seen.clear()
+        logged = obj.loss(0, DistInfo())[1]
+        args, kwargs, got = seen[0]
+        assert logged.get("skipped", 0.0) == len(skipped)
+        with torch.no_grad(), skip_blocks(student.unet, skipped):
+            want = student.unet(*args, **kwargs)[0]
+        assert torch.equal(got, want)
+    hook.remove()
+    # the model is whole again afterwards, and no gate is left on it
     assert all(type(student.unet.get_submodule(n)).__name__ == "Transformer2DModel" for n in attn)
+    assert not any(m._forward_hooks for m in student.unet.modules())
     # partial probability: the count logged matches a draw, and differs across steps
     obj = RecoverObjective(tiny_pipe, student.unet, o, RecoverLoss(output_kd=0, feature_kd=0), RobustOptions(attention=0.5), device=CPU)
     counts = [obj.loss(s, DistInfo())[1]["skipped"] for s in range(3)]
