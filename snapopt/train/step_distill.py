@@ -127,7 +127,7 @@ class StepDistillObjective:
         k = torch.randint(0, len(self.grid), (n,), generator=gen)
         use_cfg = bool(torch.rand((), generator=gen) < self.lo.cfg_probability)
         lo, hi = self.lo.cfg_range
-        scale = lo + (hi - lo) * torch.rand(n, generator=gen) if use_cfg else None
+        scale = lo + (hi - lo) * torch.rand(n, generator=gen) if use_cfg else None  # drawn on every guided step: keeps the order
         on_path = self.lo.trajectory_probability > 0 and bool(torch.rand((), generator=gen) < self.lo.trajectory_probability)
         device = self.data.device
         s = {"t": to_device(shard(self.grid[k], info), device), "t_end": to_device(shard(self.prev[k], info), device)}
