@@ -98,23 +98,13 @@ class StepInputs:
     host: dict[str, float] = field(default_factory=dict)  # logged Python numbers (compute leaves them as None)
 
 
-class _StaticSource:
-    """Stands in for the objective's LatentSource inside ``compute``: the step's batch is the static buffers."""
-
-    def __init__(self, s: dict[str, torch.Tensor]):
-        self.s = s
-
-    def batch(self, step: int, size: int, info: DistInfo = DistInfo()) -> Batch:
-        s = self.s
-        return Batch(x0=s["x0"], cond=s["cond"], uncond=s["uncond"], noise=s["noise"], t=s["t"], gen=None)
-
-
 def _batch_tensors(b: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     return {"x0": b.x0, "noise": b.noise, "cond": b.cond, "uncond": b.uncond, "t": to_device(b.t, device)}
 
 
 class RecoverStep:
-    """RecoverObjective: its own ``loss()`` runs in the graph, fed the static batch and a device schedule.
+    """RecoverObjective: its ``draw()`` (the batch, robust training's gates) stays eager; its ``loss_from()``
+    runs in the graph, with a device schedule.
 
     Robust training (random block skipping) is data here as in the ordinary loop: the step's draw, made
     eagerly from the same generator, fills a static gate vector; the captured forward gates every candidate
@@ -126,23 +116,12 @@ class RecoverStep:
         self.gates = obj.gates
 
     def inputs(self, step: int, info: DistInfo) -> StepInputs:
-        tensors = _batch_tensors(self.obj.data.batch(step, self.o.batch, info), self.device)
-        host = {}
-        if self.obj.skipper is not None:
-            names = []
-            if self.gates is not None:
-                names, skip = self.obj.draw_skips(step)
-                tensors["skip"] = to_device(skip, self.device)
-            host["skipped"] = float(len(names))
-        return StepInputs(None, tensors, host)
+        tensors, host = self.obj.draw(step, info)
+        return StepInputs(None, {k: to_device(v, self.device) for k, v in tensors.items()}, host)
 
     def compute(self, key, s: dict[str, torch.Tensor], info: DistInfo):
-        gated = self.gates.gated(s["skip"]) if self.gates is not None else nullcontext()
-        with _swapped(self.obj, data=_StaticSource(s), sched=self.sched, gates=None), gated:
-            loss, parts = self.obj.loss(0, info)  # the static source ignores the step; the static gates skip
-        if self.obj.skipper is not None:
-            parts["skipped"] = None  # a host number: filled from inputs()
-        return loss, parts
+        with _swapped(self.obj, sched=self.sched):
+            return self.obj.loss_from(s)
 
     def optimizer_step(self, opt: torch.optim.Optimizer, s: dict[str, torch.Tensor]):
         """The optimizer step, undone for the parameters of blocks this step skipped."""

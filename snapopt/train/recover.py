@@ -51,22 +51,35 @@ class RecoverObjective:
     def trainable(self) -> nn.Module:
         return self.student
 
-    def loss(self, step: int, info: DistInfo):
+    def draw(self, step: int, info: DistInfo) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The step's seeded samples (the batch; robust training's gate vector) and the numbers to log: what
+        :meth:`loss_from` reads. Eager in both the ordinary loop and a captured step (snapopt.train.graphs)."""
         b = self.data.batch(step, self.train_o.batch, info)
-        x_t = self.sched.add_noise(b.x0, b.noise, b.t)
-        t = to_device(b.t, x_t.device)
+        s = {"x0": b.x0, "noise": b.noise, "cond": b.cond, "t": b.t}
+        host = {}
+        if self.skipper is not None:
+            names = []
+            if self.gates is not None:
+                names, s["skip"] = self.draw_skips(step)
+            host["skipped"] = float(len(names))
+        return s, host
+
+    def loss_from(self, s: dict[str, torch.Tensor]):
+        """Loss of one drawn step; device-only, so a CUDA graph can hold it. ``skipped`` is left None for the
+        caller to fill from :meth:`draw`."""
+        x_t = self.sched.add_noise(s["x0"], s["noise"], s["t"])
+        t = to_device(s["t"], x_t.device)
         want_teacher = self.lo.output_kd > 0 or self.lo.feature_kd > 0
         t_out = None
         if want_teacher:
-            t_out = self.teacher_fwd(x_t, t, b.cond, return_dict=False)[0]
-        skipped, ctx = [], nullcontext()
-        if self.gates is not None:
-            skipped, skip = self.draw_skips(step)
-            self._skip = to_device(skip, x_t.device)  # pinned: no stall of the queue
+            t_out = self.teacher_fwd(x_t, t, s["cond"], return_dict=False)[0]
+        ctx = nullcontext()
+        if "skip" in s:
+            self._skip = to_device(s["skip"], x_t.device)  # pinned: no stall of the queue
             ctx = self.gates.gated(self._skip)
         with ctx:
-            s_out = self.forward_model(x_t, t, b.cond, return_dict=False)[0]
-        task = per_sample_mse(s_out, self.sched.target(b.x0, b.noise, b.t))
+            s_out = self.forward_model(x_t, t, s["cond"], return_dict=False)[0]
+        task = per_sample_mse(s_out, self.sched.target(s["x0"], s["noise"], s["t"]))
         parts = {"task": task.mean()}
         total = self.lo.task * task
         if self.lo.output_kd > 0:
@@ -80,8 +93,13 @@ class RecoverObjective:
                 total = total + self.lo.feature_kd * self._scaled(feat, task)
         logged = {k: v.detach() for k, v in parts.items()}
         if self.skipper is not None:
-            logged["skipped"] = float(len(skipped))
+            logged["skipped"] = None
         return total.mean(), logged
+
+    def loss(self, step: int, info: DistInfo):
+        s, host = self.draw(step, info)
+        loss, parts = self.loss_from(s)
+        return loss, {k: host[k] if v is None else v for k, v in parts.items()}
 
     def draw_skips(self, step: int) -> tuple[list[str], torch.Tensor]:
         """The blocks robust training skips at ``step`` (the step's seeded generator, so every DDP rank and a
