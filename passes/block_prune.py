@@ -128,7 +128,7 @@ class BlockPrune(Pass):
                                     num_train=len(ctx.teacher.scheduler.alphas_cumprod))
             out = ctx.work_dir / f"block_prune-{len(ctx.history)}-round{round_}" if ctx.work_dir is not None else None
             with skip_blocks(program.unet, removed):
-                st, _ = run_recover(ctx.teacher, program, rt, out, data=data)
+                st, _ = run_recover(ctx.teacher, program, rt, out, data=data, title=f"block_prune robust round {round_}")
             rounds.append({"round": round_, "skipped": len(removed), "steps": st["steps"],
                            "teacher_distance_before": st["teacher_distance_before"], "teacher_distance_after": st["teacher_distance_after"],
                            "skip_counts": st["skip_counts"]})

@@ -114,8 +114,9 @@ def _setup(train: TrainOptions):
 
 
 def run_recover(teacher, program, o: RecoverJob, out_dir: Path | None, *, resume: bool = False,
-                data=None) -> tuple[dict[str, Any], TrainResult]:
-    """``data``: a :class:`snapopt.train.data.LatentSource` to reuse (callers that train in rounds build it once)."""
+                data=None, title: str = "recover") -> tuple[dict[str, Any], TrainResult]:
+    """``data``: a :class:`snapopt.train.data.LatentSource` to reuse (callers that train in rounds build it once);
+    ``title``: the progress bar's and loss plot's name (block_prune's robust rounds are not the recover pass)."""
     from snapopt.quality import TeacherDistance
     from snapopt.train.recover import RecoverObjective
 
@@ -127,7 +128,7 @@ def run_recover(teacher, program, o: RecoverJob, out_dir: Path | None, *, resume
         zoo_before = _zoo(program, o) if o.zoo_eval_prompts else None  # the pruned student, untrained
         obj = RecoverObjective(teacher, program.unet, o.train, o.loss, o.robust, device=device, data=data)
         try:
-            result = Trainer(obj, o.train, out_dir, info=info, device=device, title="recover").run(resume=resume)
+            result = Trainer(obj, o.train, out_dir, info=info, device=device, title=title).run(resume=resume)
         finally:
             obj.close()
         program.unet.eval()
