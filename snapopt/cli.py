@@ -75,6 +75,11 @@ def apply(
                                 "afresh if there is none, and keeps the work folder if this run fails or is interrupted. "
                                 "Needs --out"),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON (progress stays on stderr)"),
+    sets: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="override a recipe field (repeatable, "
+                                             "applied in order; VALUE is YAML, null removes the key so its default applies): "
+                                             "seed=1, export.onnx=false, PASS.OPTION for the options of the pass named PASS "
+                                             "(recover.loss.timestep_scaling=true), passes[N].options.OPTION when a pass occurs "
+                                             "twice. The report records the overrides and the effective recipe"),
 ):
     """Validate RECIPE, run its passes and lowering, and write a run folder.
 
@@ -90,7 +95,7 @@ def apply(
     # everything that can be wrong with the input is found here, before the first stage prints
     if resume and out is None:
         raise UsageError("--resume needs --out: the default run folder's name has the time in it")
-    resolved = load_recipe(recipe, {"model": model})
+    resolved = load_recipe(recipe, {"model": model}, sets=sets)
     out = out or Path("runs") / f"{resolved.recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     check_output_dir(out, overwrite=overwrite, expected_bytes=_expected_output_bytes(resolved))
     with run_lock(out) as alone:

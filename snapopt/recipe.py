@@ -6,12 +6,14 @@ The resolved recipe (defaults filled in) is echoed into the run folder.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from snapopt.errors import RecipeError, SnapoptError
+from snapopt.errors import RecipeError, SnapoptError, UsageError
 from snapopt.lowering.spec import ExportSpec
 
 Component = Literal["unet", "vae_decoder", "vae_encoder", "text_encoder"]
@@ -72,11 +74,12 @@ class Recipe(_Strict):
 class ResolvedRecipe:
     """A validated recipe with its passes instantiated and targets resolved."""
 
-    def __init__(self, recipe: Recipe, path: Path | None, passes: list, targets: list):
+    def __init__(self, recipe: Recipe, path: Path | None, passes: list, targets: list, sets: list[str] | None = None):
         self.recipe = recipe
         self.path = path
         self.passes = passes
         self.targets = targets
+        self.sets = list(sets or [])  # the ``--set KEY=VALUE`` overrides applied, as given (the report records them)
 
     def to_dict(self) -> dict[str, Any]:
         data = self.recipe.model_dump(mode="json", by_alias=True)
@@ -84,8 +87,9 @@ class ResolvedRecipe:
         return data
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> ResolvedRecipe:
-    """Read (strict UTF-8 YAML: no duplicate keys, bounded size and depth), apply CLI overrides, validate."""
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> ResolvedRecipe:
+    """Read (strict UTF-8 YAML: no duplicate keys, bounded size and depth), apply CLI overrides (``overrides``:
+    whole top-level fields, as ``--model``; then ``sets``: ``--set KEY=VALUE``, see :func:`apply_sets`), validate."""
     from snapopt.checks.files import load_yaml_file
 
     path = Path(path)
@@ -102,7 +106,162 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
             data[key] = {**data[key], **value}
         else:
             data[key] = value
-    return validate_recipe(data, path)
+    sets = list(sets or [])
+    applied = apply_sets(data, sets)
+    try:
+        resolved = validate_recipe(data, path)
+    except RecipeError as exc:
+        raise RecipeError(_blame_set(str(exc), applied)) from None
+    resolved.sets = sets
+    return resolved
+
+
+# -- --set KEY=VALUE ---------------------------------------------------------------------------------------
+# KEY grammar: segments joined by '.', each a name optionally followed by list indices ``[N]``:
+#   seed=1, export.onnx=false, targets[0]=iphone-15-pro        top-level fields (the Recipe's own names)
+#   recover.loss.timestep_scaling=true                          PASS.OPTION...: the options of the one pass named PASS
+#   passes[1].options.train.steps=800                           by position, for a pass named twice (or a plugin path)
+# VALUE is YAML. ``null`` removes the key, so the field or option takes its default.
+
+_SEGMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_-]*)((?:\[\d+\])*)$")
+
+
+def parse_set(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` → (KEY, VALUE parsed as YAML); one-line UsageError on anything else."""
+    key, eq, raw = text.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise UsageError(f"--set {_cut(text)!r}: expected KEY=VALUE (VALUE in YAML), e.g. seed=1 or recover.loss.timestep_scaling=true")
+    try:
+        return key, yaml.load(raw, Loader=_set_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(getattr(exc, "problem", None) or exc.__class__.__name__).split())
+        raise UsageError(f"--set {_cut(key)}: VALUE {_cut(raw, 40)!r} is not valid YAML ({_cut(problem, 100)})") from None
+    except RecursionError:
+        raise UsageError(f"--set {_cut(key)}: VALUE nested too deep") from None
+
+
+def _set_loader():
+    """The recipes' strict loader, plus YAML 1.2 floats without a dot (``1e-4``: a string to PyYAML's YAML 1.1),
+    since that is how people write learning rates on a command line."""
+    global _SET_LOADER
+    if _SET_LOADER is None:
+        from snapopt.checks.files import _UniqueKeyLoader
+
+        class SetLoader(_UniqueKeyLoader):
+            pass
+
+        SetLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                        list("-+0123456789"))
+        _SET_LOADER = SetLoader
+    return _SET_LOADER
+
+
+_SET_LOADER = None
+
+
+def _path(key: str) -> list[str | int]:
+    """``a.b[2].c`` → ['a', 'b', 2, 'c']."""
+    out: list[str | int] = []
+    for seg in key.split("."):
+        m = _SEGMENT.match(seg)
+        if not m:
+            raise UsageError(f"--set {_cut(key)}: bad KEY segment {_cut(seg, 40)!r} (names joined by '.', list items as [N], "
+                             "e.g. passes[1].options.train.steps)")
+        out.append(m.group(1))
+        out += [int(i) for i in re.findall(r"\d+", m.group(2))]
+    return out
+
+
+def _pass_names(data: dict[str, Any]) -> list[str]:
+    passes = data.get("passes") if isinstance(data.get("passes"), list) else []
+    return [str(p.get("pass")) if isinstance(p, dict) else "?" for p in passes]
+
+
+def _resolve_key(data: dict[str, Any], key: str) -> list[str | int]:
+    """KEY → the path into the recipe mapping: a top-level field as written, or ``PASS.…`` →
+    ``passes[i].options.…`` for the single pass named PASS."""
+    path = _path(key)
+    head = path[0]
+    if head in Recipe.model_fields:
+        return path
+    names = _pass_names(data)
+    where = [i for i, n in enumerate(names) if n == head]
+    if not where:
+        listed = ", ".join(names) or "none"
+        raise UsageError(f"--set {_cut(key)}: '{head}' is neither a recipe field nor a pass of this recipe (passes: {listed})")
+    if len(where) > 1:
+        raise UsageError(f"--set {_cut(key)}: pass '{head}' occurs {len(where)} times (passes[{'], passes['.join(map(str, where))}]); "
+                         f"name one by position, e.g. passes[{where[0]}].options.{'.'.join(map(str, path[1:])) or 'KEY'}")
+    if len(path) == 1 or isinstance(path[1], int):
+        raise UsageError(f"--set {_cut(key)}: name an option of pass '{head}' ({head}.OPTION=VALUE)")
+    return ["passes", where[0], "options", *path[1:]]
+
+
+def _show(path: list[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def apply_sets(data: dict[str, Any], sets: list[str]) -> list[tuple[str, str]]:
+    """Apply ``--set KEY=VALUE`` overrides in order to the recipe mapping ``data`` (in place), before validation.
+
+    Mappings missing on the way are created (an option the YAML leaves at its default; the pass's own option
+    validation then accepts or rejects it); a ``null`` VALUE removes the key so its default applies. Returns
+    (the path set, as validation errors name it; the override as given) for each, to blame in errors."""
+    applied = []
+    for text in sets:
+        key, value = parse_set(text)
+        path = _resolve_key(data, key)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            nxt = path[i + 1]
+            here = _show(path[: i + 1])
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    size = f"{len(node)} items" if isinstance(node, list) else "not a list"
+                    raise UsageError(f"--set {_cut(key)}: {here} does not exist ({_show(path[:i]) or 'recipe'}: {size})")
+                child = node[part]
+            else:
+                if not isinstance(node, dict):
+                    raise UsageError(f"--set {_cut(key)}: {_show(path[:i])} is not a mapping")
+                child = node.get(part)
+            if child is None:  # absent or null: a mapping to fill (a list index into it fails on the next step)
+                if value is None:
+                    break  # removing something under a missing mapping: already the default
+                if isinstance(nxt, int):
+                    raise UsageError(f"--set {_cut(key)}: {here} is not set, so it has no item [{nxt}]; set the whole list ({here}=[...])")
+                child = {}
+                node[part] = child
+            elif (isinstance(nxt, int) and not isinstance(child, list)) or (isinstance(nxt, str) and not isinstance(child, dict)):
+                kind = "list" if isinstance(nxt, int) else "mapping"
+                raise UsageError(f"--set {_cut(key)}: {here} is {_cut(repr(child), 40)}, not a {kind}")
+            node = child
+        else:
+            last = path[-1]
+            if isinstance(last, int):
+                if not isinstance(node, list) or last >= len(node):
+                    raise UsageError(f"--set {_cut(key)}: {_show(path)} does not exist")
+                if value is None:
+                    raise UsageError(f"--set {_cut(key)}: null cannot remove a list item; set the whole list ({_show(path[:-1])}=[...])")
+                node[last] = value
+            elif value is None:
+                node.pop(last, None)
+            else:
+                node[last] = value
+        applied.append((_show(path), text))
+    return applied
+
+
+def _blame_set(message: str, applied: list[tuple[str, str]]) -> str:
+    """A validation error about a field an override set says so: ``... (from --set KEY=VALUE)``."""
+    hit = [(p, t) for p, t in applied if any(f": {p}{end}" in message for end in (":", ".", "["))]
+    if not hit:
+        return message
+    return f"{message} (from --set {_cut(max(hit, key=lambda h: len(h[0]))[1])})"
 
 
 def format_validation_error(exc: ValidationError) -> str:

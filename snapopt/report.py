@@ -63,11 +63,27 @@ def quality_section(q: dict[str, Any] | None) -> list[str]:
     return out + [""]
 
 
+def recipe_section(report: dict[str, Any]) -> list[str]:
+    """The ``--set`` overrides and the effective recipe they gave (what reproduces the run), folded away."""
+    import yaml
+
+    sets = report.get("overrides") or []
+    out = ["## Recipe", ""]
+    if sets:
+        out += ["Overrides (`snapopt apply --set`, in order): " + ", ".join(f"`{s}`" for s in sets), ""]
+    out += ["<details><summary>Effective recipe (defaults filled in, overrides applied; also recipe.resolved.yaml)</summary>", "",
+            "```yaml", yaml.safe_dump(report["recipe"], sort_keys=False).rstrip(), "```", "", "</details>", ""]
+    return out
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     out = [f"# snapopt run: {report['recipe']['name']}", ""]
     out += [f"- model: `{report['model']['source']}` at {report['shapes']['resolution']}² (UNet batch {report['shapes']['batch']})",
             f"- targets: {', '.join(t['id'] for t in report['targets'])}",
-            f"- wall time: {report['seconds']:.1f} s", ""]
+            f"- wall time: {report['seconds']:.1f} s"]
+    if report.get("overrides"):
+        out.append(f"- overrides: {', '.join(f'`--set {s}`' for s in report['overrides'])} (effective recipe under Recipe)")
+    out.append("")
     out += ["## Components", "", "| component | params before | params after | MACs before | MACs after | blocks after |",
             "|---|---:|---:|---:|---:|---:|"]
     for comp, c in report["components"].items():
@@ -113,6 +129,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             out += ["", f"Core ML resources also hold: {', '.join(ex['resources'])}. Compile the packages on a Mac "
                     "(`xcrun coremlcompiler compile X.mlpackage .`) for Apple's Swift StableDiffusionPipeline."]
         out.append("")
+    out += recipe_section(report)
     out += ["## Blocks after optimisation", ""]
     for comp, c in report["components"].items():
         out += [f"### {comp}", "", *block_table(c["blocks"]), ""]

@@ -238,7 +238,8 @@ def build_report(resolved, pipe, shapes, before, after, records, exports, second
     if latency_lines:
         sections.append({"title": "Predicted latency per target", "lines": latency_lines})
     return {
-        "recipe": resolved.to_dict(),
+        "recipe": resolved.to_dict(),  # the effective recipe: defaults filled in, --model and --set applied
+        "overrides": list(getattr(resolved, "sets", [])),  # the --set KEY=VALUE overrides, in order, as given
         "model": {"source": pipe.source, "resolution": pipe.resolution, "prediction_type": pipe.prediction_type},
         "shapes": {"resolution": shapes.resolution, "batch": shapes.batch, "text_len": shapes.text_len},
         "targets": [{"id": t.id, "name": t.device.name, "chip": t.device.chip.name, "ios": t.device.ios} for t in resolved.targets],
