@@ -11,13 +11,16 @@ from snapopt.train.sampling import sample_latents, split_transitions, student_tr
 
 @torch.no_grad()
 def sample_distance(teacher, student, student_steps: int, teacher_steps: int, *, prompts: int, cfg: float, seed: int, device,
-                    halved: bool = False, student_grid: str = "ddim", texts: list[str] | None = None) -> float:
+                    halved: bool = False, student_grid: str = "ddim", texts: list[str] | None = None,
+                    cache: dict | None = None) -> float:
     """Relative L2 distance of the student's ``student_steps``-step DDIM latents to the teacher's
     ``teacher_steps``-step latents from the same noise and prompts (lower is better). ``halved``: the
     teacher walks the student's grid with every step split in two (what step distillation trains for)
     instead of diffusers' own ``teacher_steps`` grid. ``student_grid``: the student's path
     (:func:`snapopt.train.sampling.student_transitions`); each pipeline is read under its own prediction type.
-    ``texts``: the prompts (default: snapopt.quality.VALIDATION_PROMPTS, repeated to ``prompts``)."""
+    ``texts``: the prompts (default: snapopt.quality.VALIDATION_PROMPTS, repeated to ``prompts``). ``cache``: a dict
+    the caller keeps while ``teacher`` is frozen, so the teacher's latents for one setting are sampled once
+    (a step-distillation pass measures before and after, on two grids and two prompt sets, against one teacher)."""
     texts = texts or (VALIDATION_PROMPTS * (prompts // len(VALIDATION_PROMPTS) + 1))[:prompts]
     cond = embed(teacher, texts, device, seed)
     uncond = embed(teacher, [""], device, seed + 1)[0]
@@ -29,7 +32,13 @@ def sample_distance(teacher, student, student_steps: int, teacher_steps: int, *,
         if teacher_steps != 2 * student_steps:
             raise ValueError(f"halved needs teacher_steps == 2 * student_steps, got {teacher_steps} and {student_steps}")
         path = split_transitions(mine)
-    ref = sample_latents(teacher, cond, uncond, steps=teacher_steps, cfg=cfg, shape=shape, seed=seed, device=device, transitions=path)
+    key = (id(teacher.unet), teacher.prediction_type, teacher_steps, tuple(path) if path else None, tuple(texts), cfg, seed)
+    ref = cache.get(key) if cache is not None else None
+    if ref is None:
+        ref = sample_latents(teacher, cond, uncond, steps=teacher_steps, cfg=cfg, shape=shape, seed=seed, device=device,
+                             transitions=path)
+        if cache is not None:
+            cache[key] = ref
     out = sample_latents(teacher, cond, uncond, steps=student_steps, cfg=cfg, shape=shape, seed=seed, device=device, unet=student.unet,
                          prediction_type=student.prediction_type, transitions=mine)
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))

@@ -209,7 +209,8 @@ def _distill_stage(data_pipe, ref, program, train: TrainOptions, loss: StepDisti
 
     n, half = loss.teacher_steps, loss.teacher_steps // 2
     want = loss.student_prediction or program.prediction_type
-    kw = dict(prompts=o.eval_prompts, cfg=o.eval_cfg, seed=train.seed, device=device, student_grid=loss.grid)
+    # one cache of the teacher's latents per stage: ``ref`` is frozen, so before and after share them
+    kw = dict(prompts=o.eval_prompts, cfg=o.eval_cfg, seed=train.seed, device=device, student_grid=loss.grid, cache={})
     stats: dict[str, Any] = {"teacher_steps": n, "student_steps": half, "grid": loss.grid, "teacher_prediction": ref.prediction_type}
     if want != program.prediction_type:
         if reparam is None:
