@@ -7,6 +7,8 @@ training seconds and images/s. Writes one JSON (default bench/results/snapfusion
     python bench/snapfusion_chain.py --out runs/chain
     python bench/snapfusion_chain.py --report-only runs/chain   # re-read a finished run
     python bench/snapfusion_chain.py --out runs/chain --claim   # and score issue 11's claim on its model
+    python bench/snapfusion_chain.py --out runs/chain-self --name snapfusion_chain_self \
+        --set step_distill.teacher=self                          # an ablation: `snapopt apply --set`, recorded in the JSON
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def summarise(run: Path) -> dict:
         if rec["pass"] == "step_distill":
             row["step_distill"] = step_distill_summary(stats)
         rows.append(row)
-    return {"run": str(run), "total_seconds": report.get("seconds"), "passes": rows,
+    # overrides: the run's `snapopt apply --set` list (this script's --set), as its report recorded them
+    return {"run": str(run), "total_seconds": report.get("seconds"), "overrides": report.get("overrides", []), "passes": rows,
             "stages": report.get("timings") or report.get("stages"), "quality": report.get("quality")}
 
 
@@ -82,6 +85,8 @@ def main():
     ap.add_argument("--claim", action="store_true", help="also score the run's model at 8 steps against the teacher at 50 "
                                                           "(issue 11's claim; JSON and sample grids beside the result)")
     ap.add_argument("--name", default="snapfusion_chain", help="result name: bench/results/<name>_<card>.json")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override passed to snapopt apply --set (repeatable), e.g. recover.loss.timestep_scaling=false")
     args = ap.parse_args()
     wall = None
     run = args.report_only or args.out
@@ -90,6 +95,7 @@ def main():
         # --resume: a run that dies (a preempted machine, a failed export) keeps its finished passes; the same
         # command continues it, and the report then says how many passes were reused (its timings are partial)
         cmd = [sys.executable, "-c", "from snapopt.cli import main; main()", "apply", args.recipe, "--out", str(args.out), "--resume"]
+        cmd += [a for s in args.sets for a in ("--set", s)]
         rc = subprocess.call(cmd)
         wall = round(time.perf_counter() - t0, 1)
         if rc:
@@ -103,7 +109,8 @@ def main():
     out.write_text(json.dumps(res, indent=1, default=str))
     for r in res["passes"]:
         print(f"{r['pass']:26s} {r['seconds']:>8} s   train {r.get('train_seconds', '-')} s  {r.get('train_images_per_second', '-')} img/s")
-    print(f"total {res['total_seconds']} s (wall {wall} s); wrote {out}")
+    sets = f"; overrides: {' '.join(res['overrides'])}" if res["overrides"] else ""
+    print(f"total {res['total_seconds']} s (wall {wall} s){sets}; wrote {out}")
 
 
 if __name__ == "__main__":
