@@ -181,3 +181,26 @@ def test_resume_compares_the_effective_recipe(recipe, tmp_path, capsys):
     assert report["passes"][2]["stats"] != report["passes"][1]["stats"]  # the override changed what ran
     md = (out / "report.md").read_text()
     assert "`--set passes[2].options.ratio=0.25`" in md and "## Recipe" in md and "ratio: 0.25" in md
+
+
+def test_fuzzed_overrides_fail_only_with_one_line_usage_errors(recipe):
+    """Random keys (fields, pass names, positions, nesting) and values: each override either gives a valid recipe
+    or a one-line UsageError, never another exception."""
+    import random
+
+    rng = random.Random(0)
+    heads = ["seed", "batch", "export", "quality", "targets[0]", "targets[3]", "passes[0]", "passes[2]", "passes[7]",
+             "remove_blocks", "channel_prune", "nosuch", "name", "output", "verify", "1bad", "", "passes"]
+    tails = ["", ".options", ".options.ratio", ".ratio", ".blocks", ".blocks[0]", ".component", ".x.y", ".enabled",
+             ".steps", ".pass", "[0]", ".options.train.steps", ".onnx"]
+    values = ["1", "0", "-1", "null", "true", "1e-4", "[1, 2]", "{a: 1}", "unet", "''", "[", "{a: 1, a: 2}", "2.5", "x=y"]
+    outcomes = {"ok": 0, "usage": 0}
+    for _ in range(100):
+        text = f"{rng.choice(heads)}{rng.choice(tails)}={rng.choice(values)}"
+        try:
+            load_recipe(recipe, sets=[text])
+            outcomes["ok"] += 1
+        except UsageError as exc:
+            assert "\n" not in str(exc) and str(exc), text
+            outcomes["usage"] += 1
+    assert outcomes["ok"] >= 2 and outcomes["usage"] >= 50, outcomes  # both kinds were exercised
