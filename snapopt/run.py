@@ -285,6 +285,7 @@ def manifest(resolved: ResolvedRecipe, argv: list[str] | None) -> dict[str, Any]
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": argv or sys.argv,
+        "overrides": list(getattr(resolved, "sets", [])),  # --set KEY=VALUE, in order: the recipe file plus these
         "seed": resolved.recipe.seed,
         "model": resolved.recipe.model,
         "inputs_sha256": inputs,
