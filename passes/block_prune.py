@@ -36,7 +36,10 @@ class BlockPruneOptions(ComponentOptions):
     budget_ms: float | None = Field(None, gt=0, description="latency budget per UNet call on the target, ms")
     budget_fraction: float | None = Field(None, gt=0, le=1, description="budget as a fraction of the model's latency before pruning")
     evaluator: Literal["teacher_distance"] = Field("teacher_distance", description="quality metric for ΔQuality")
-    prompts: int = Field(4, ge=1, le=64, description="validation prompts (batch) per evaluation")
+    prompts: int = Field(4, ge=1, le=64, description="prompts (batch) per evaluation")
+    prompt_set: Literal["auto", "validation"] = Field(
+        "auto", description="auto: captions of the model's own training distribution where known (zoo:snapshapes: its "
+                            "training split), else snapopt.quality.VALIDATION_PROMPTS; validation: always those")
     timesteps: list[int] = Field(default_factory=lambda: [999, 750, 500, 250, 50], min_length=1,
                                  description="diffusion timesteps the evaluator compares outputs at, in [0, num_train_timesteps - 1]")
     kinds: list[Literal["attention", "resnet"]] = Field(default_factory=lambda: ["attention", "resnet"])
@@ -74,7 +77,7 @@ class BlockPrune(Pass):
         from snapopt.devices.report import component_table
         from snapopt.models.skipping import skip_blocks, skippable_blocks
         from snapopt.passes.remove_blocks import RemoveBlocks
-        from snapopt.quality import TeacherDistance
+        from snapopt.quality import TeacherDistance, domain_prompts
 
         o = self.options
         if program.structure_only:
@@ -103,8 +106,9 @@ class BlockPrune(Pass):
             if missing:
                 raise UsageError(f"block_prune: '{missing[0]}' is not a skippable {'/'.join(o.kinds)} block")
             skippable = {n: skippable[n] for n in o.candidates}
+        texts = domain_prompts(program, o.prompts, ctx.seed) if o.prompt_set == "auto" else None
         evaluator = TeacherDistance.prepare(program, latent=ctx.shapes.latent(program), prompts=o.prompts,
-                                            timesteps=tuple(o.timesteps), seed=ctx.seed)
+                                            timesteps=tuple(o.timesteps), seed=ctx.seed, texts=texts)
         base_q = evaluator.score(program)
         if o.robust_training is not None and ctx.teacher is None:
             raise UsageError("block_prune: robust_training needs the teacher (PassContext.teacher; snapopt apply sets it)")
@@ -181,7 +185,8 @@ class BlockPrune(Pass):
         RemoveBlocks({"component": "unet", "blocks": removed, "keep_skips": True}).run(program, ctx)
         stats = {"target": target.id, "baseline_ms": round(baseline_ms, 2), "budget_ms": round(budget_ms, 2),
                  "final_ms": round(current_ms, 2), "baseline_quality": base_q, "final_quality": final_q,
-                 "evaluator": evaluator.name, "removed": removed, "added_back": added_back, "evaluations": len(log),
+                 "evaluator": evaluator.name, "evaluator_prompts": "the model's training captions" if texts else "VALIDATION_PROMPTS",
+                 "removed": removed, "added_back": added_back, "evaluations": len(log),
                  "robust_rounds": rounds}
         _report(ctx, stats, log, removed)
         return PassResult(program, modified=bool(removed), stats=stats,

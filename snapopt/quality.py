@@ -45,10 +45,11 @@ class TeacherDistance:
 
     @classmethod
     def prepare(cls, teacher: Pipeline, *, latent: int, prompts: int = 4, timesteps: tuple[int, ...] = (999, 750, 500, 250, 50),
-                seed: int = 0) -> "TeacherDistance":
+                seed: int = 0, texts: list[str] | None = None) -> "TeacherDistance":
+        """``texts``: the prompts (default: VALIDATION_PROMPTS, repeated to ``prompts``)."""
         gen = torch.Generator().manual_seed(seed)
-        context = text_context(teacher, VALIDATION_PROMPTS[:prompts] if prompts <= len(VALIDATION_PROMPTS)
-                               else (VALIDATION_PROMPTS * (prompts // len(VALIDATION_PROMPTS) + 1))[:prompts], gen)
+        texts = texts[:prompts] if texts else (VALIDATION_PROMPTS * (prompts // len(VALIDATION_PROMPTS) + 1))[:prompts]
+        context = text_context(teacher, texts, gen)
         channels = teacher.unet.config.in_channels
         n = len(timesteps)
         device = next(teacher.unet.parameters()).device
@@ -87,6 +88,18 @@ def _unet(pipe: Pipeline, x) -> torch.Tensor:
 
 
 # ---- quality retained: the final pipeline against the input model --------------------------------------------
+def domain_prompts(pipe: Pipeline, n: int, seed: int = 0) -> list[str] | None:
+    """``n`` captions of the distribution ``pipe`` was trained on, when it is known (zoo:snapshapes and its
+    descendants: the zoo's *training* split, never the held-out captions its scores use), else None.
+    Half of VALIDATION_PROMPTS are scenes such a model never learnt, and a quality signal measured there is
+    mostly about what it draws for prompts it cannot serve."""
+    if not snapshapes_model(pipe):
+        return None
+    from snapopt.zoo import shapes
+
+    return shapes.sample_scenes(n, seed, split="train").captions()
+
+
 def snapshapes_model(pipe: Pipeline) -> bool:
     """Whether the zoo's snapshapes evaluator can judge ``pipe`` (it descends from zoo:snapshapes)."""
     origin = str(pipe.extra.get("origin") or pipe.source)
