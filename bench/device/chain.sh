@@ -23,4 +23,5 @@ python bench/snapfusion_chain.py --out $R/runs/$RUN --claim --name $NAME --json 
 echo "\$(date -u +%H:%M:%S) chain done rc=\$?$LABEL" >> $R/lanes.log
 JOBEOF
 Q=""; command -v flock > /dev/null && Q="flock $R/chain.lock"
+echo "$(date -u +%H:%M:%S) chain queued$LABEL" >> $R/lanes.log  # collect.sh waits until every queued chain is done
 setsid nohup $Q bash $JOB > /dev/null 2>&1 &

@@ -1,14 +1,20 @@
 #!/bin/bash
-# Wait up to $1 seconds (default 540) for the chain, print its progress, and pack its results into $OUT (JSON, report,
-# grids, loss curves; no weights or exports). Call again within 30 s of the last call to keep the machine.
+# Wait up to $1 seconds (default 540) for the queued chains (every "chain start" in lanes.log has its "chain done"),
+# print their progress, and pack their results into $OUT: result JSONs with claims and grids (res/), logs, and each
+# run folder's report, grids and loss curves as run_<name>.tgz (no weights or exports). Call again within 30 s of
+# the last call to keep the machine.
 R=${CHAIN_DIR:-/tmp/snapchain}; end=$((SECONDS + ${1:-540}))
-while [ $SECONDS -lt $end ]; do tail -1 $R/lanes.log 2>/dev/null | grep -q "chain done" && break; sleep 5; done
+pending() { [ "$(grep -c 'chain queued' $R/lanes.log 2>/dev/null)" -gt "$(grep -c 'chain done' $R/lanes.log 2>/dev/null)" ]; }
+while [ $SECONDS -lt $end ] && pending; do sleep 5; done
 cat $R/lanes.log 2>/dev/null
 grep -a "^\[snapopt\]" $R/chain.log 2>/dev/null | tail -3
 tail -c 300 $R/chain.log 2>/dev/null | tr '\r' '\n' | tail -2
-P=$R/pack; rm -rf $P; mkdir -p $P/run
+P=$R/pack; rm -rf $P; mkdir -p $P
 cp -r $R/res $P/ 2>/dev/null; cp $R/chain.log $R/lanes.log $P/ 2>/dev/null
-run=$R/runs/chain; [ -d $run ] || run=$(ls -d $R/runs/.chain*.work 2>/dev/null | head -1)
-[ -n "$run" ] && [ -d "$run" ] && (cd $run && find . \( -name checkpoints -o -name model -o -name exports -o -name .resume \) -prune -o \
-  -type f \( -name '*.json' -o -name '*.md' -o -name '*.png' -o -name '*.csv' \) -print | tar -czf $P/run.tgz -T -)
+for run in $R/runs/* $R/runs/.*.work; do
+  [ -d "$run" ] || continue
+  name=$(basename "$run"); name=${name#.}; name=${name%.work}
+  (cd "$run" && find . \( -name checkpoints -o -name model -o -name exports -o -name .resume \) -prune -o \
+    -type f \( -name '*.json' -o -name '*.md' -o -name '*.png' -o -name '*.csv' \) -print | tar -czf $P/run_$name.tgz -T -)
+done
 tar -czf $OUT/chain_results.tgz -C $P . && ls -la $OUT
