@@ -132,6 +132,8 @@ def test_decoder_objective_caches_teacher_images(tiny_pipe):
         z = b.x0 / obj.scale
         with torch.no_grad():
             torch.testing.assert_close(obj.targets(b.x0, z), real(z).float(), rtol=1e-4, atol=1e-5)  # batch-size-dependent float order
+            assert torch.equal(obj.data.pool_x0[b.pool_index], b.x0)  # the batch names its pool rows
+            assert torch.equal(obj.targets(b.x0, z, b.pool_index), obj.targets(b.x0, z))  # by rows = by lookup, same cache
     assert sum(calls) <= 4  # each of the 4 pool latents decoded at most once
     loss, _ = obj.loss(0, DistInfo())
     assert torch.isfinite(loss)

@@ -25,6 +25,7 @@ class Batch:
     noise: torch.Tensor       # (b, C, L, L)
     t: torch.Tensor           # (b,) integer timesteps in [0, num_train)
     gen: torch.Generator      # the step's generator, for objectives that draw more (guidance scale, skips)
+    pool_index: torch.Tensor | None = None  # (b,) CPU rows of the pool behind x0 (pooled sources), for per-row caches
 
 
 #: prompt embeddings per text encoder, by prompt list: every stage of a run (and every block_prune round)
@@ -95,15 +96,18 @@ class LatentSource:
         t = torch.randint(0, self.num_train, (size,), generator=gen)
         drop = torch.rand(size, generator=gen) < self.o.cond_dropout
         rows = shard(torch.arange(size), info)
+        pool_index = None
         if x0 is None:
-            x0 = self.pool_x0[to_device(shard(pick, info), self.pool_x0.device)]
+            pool_index = shard(pick, info)
+            x0 = self.pool_x0[to_device(pool_index, self.pool_x0.device)]
         else:
             x0 = x0[rows]
         cond = self.cond_bank[to_device(prompt[rows], self.cond_bank.device)]
         uncond = self.uncond.expand_as(cond)
         keep = to_device(~drop[rows], self.device).view(-1, 1, 1)
         cond = torch.where(keep, cond, uncond)
-        return Batch(x0=to_device(x0, self.device), cond=cond, uncond=uncond, noise=to_device(noise[rows], self.device), t=t[rows], gen=gen)
+        return Batch(x0=to_device(x0, self.device), cond=cond, uncond=uncond, noise=to_device(noise[rows], self.device), t=t[rows], gen=gen,
+                     pool_index=pool_index)
 
 
 @torch.no_grad()

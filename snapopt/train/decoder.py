@@ -74,14 +74,24 @@ class DecoderObjective:
     def loss(self, step: int, info: DistInfo):
         b = self.data.batch(step, self.train_o.batch, info)
         z = b.x0 / self.scale
-        ref = self.targets(b.x0, z)
+        ref = self.targets(b.x0, z, b.pool_index)
         return reconstruction_loss(self.lo, self.forward_model(z).float(), ref)
 
     @torch.no_grad()
-    def targets(self, x0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The teacher decoder's images of ``z``: from the cache for pool latents, each decoded once."""
+    def targets(self, x0: torch.Tensor, z: torch.Tensor, pool_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher decoder's images of ``z``: from the cache for pool latents, each decoded once.
+        ``pool_index``: the batch's pool rows (Batch.pool_index, on the host), so no lookup and no device sync;
+        without it the rows are found by comparing ``x0`` with the pool."""
         if self._pool is None:
             return self.teacher_decoder(z).float()
+        if pool_index is not None:
+            idx = pool_index.tolist()
+            missing = sorted(set(idx) - self._cache.keys())
+            if missing:
+                rows = self._pool[torch.tensor(missing, device=self._pool.device)]
+                imgs = self.teacher_decoder(rows.view(len(missing), *x0.shape[1:]).to(z) / self.scale).float()
+                self._cache.update(zip(missing, imgs))
+            return torch.stack([self._cache[i] for i in idx])
         flat = x0.flatten(1).to(self._pool.device)
         hit = (flat[:, None, :] == self._pool[None]).all(-1)  # exact: batches are rows of the pool
         found = hit.any(1)

@@ -176,7 +176,7 @@ class ReparamStep:
 
 
 class DecoderStep:
-    """DecoderObjective: the latents and the teacher's images (its cache looks rows up on the host) stay
+    """DecoderObjective: the latents and the teacher's images (its cache, by the batch's pool rows) stay
     eager; the student decoder's forward and the losses are captured."""
 
     def __init__(self, obj, o, device: torch.device):
@@ -185,7 +185,7 @@ class DecoderStep:
     def inputs(self, step: int, info: DistInfo) -> StepInputs:
         b = self.obj.data.batch(step, self.o.batch, info)
         z = b.x0 / self.obj.scale
-        return StepInputs(None, {"z": z, "ref": self.obj.targets(b.x0, z)})
+        return StepInputs(None, {"z": z, "ref": self.obj.targets(b.x0, z, b.pool_index)})
 
     def compute(self, key, s: dict[str, torch.Tensor], info: DistInfo):
         from snapopt.train.decoder import reconstruction_loss
