@@ -99,6 +99,7 @@ def test_robust_recover_static_step_equals_ordinary_loop(tiny_pipe):
     after_graphed = copy.deepcopy(unet.state_dict())
     unet.load_state_dict(start)  # and bit for bit: the ordinary loop runs the same gated kernels
     again = Trainer(make(_opts(steps=5, seed=3, ema=0)), objs[-1].train_o, None, device=CPU).run().history
+    objs[-1].close()  # its feature hooks sit on the session-wide teacher (tiny_pipe)
     assert [r["loss"] for r in again] == [r["loss"] for r in hist]
     assert all(torch.equal(v, after_graphed[k]) for k, v in unet.state_dict().items())
     assert plain.skip_counts == graphed.skip_counts  # the same draws
