@@ -25,5 +25,5 @@ def test_cache_samples_the_teacher_once_per_setting_and_changes_nothing(tiny_pip
     teacher_calls = [u for u in calls if u is None]  # the teacher samples without a `unet=` override
     assert len(teacher_calls) == 2 and len(cache) == 2  # one per setting (diffusers' grid, halved grid)
     # other prompts are another setting
-    evaluation.sample_distance(tiny_pipe, tiny, 2, 4, cache=cache, texts=["a red circle", "a blue square"], **kw)
+    evaluation.sample_distance(tiny_pipe, tiny, 2, 4, cache=cache, texts=["distance cache probe: a red circle", "distance cache probe: a blue square"], **kw)
     assert len(cache) == 3

@@ -65,7 +65,8 @@ def test_prompt_embeddings_are_encoded_once(tiny_pipe):
     calls = []
     h = tiny_pipe.text_encoder.register_forward_hook(lambda *a: calls.append(1))
     try:
-        prompts = ["a red circle", "a blue square", "snapopt embedding cache probe"]
+        # strings no other test embeds: the cache is process-wide, so a list another test used is already there
+        prompts = ["embedding cache probe: a red circle", "embedding cache probe: a blue square", "embedding cache probe: a third"]
         a = embed(tiny_pipe, prompts, CPU)
         n = len(calls)
         b = embed(tiny_pipe, prompts, CPU)
