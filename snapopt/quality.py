@@ -66,6 +66,18 @@ class TeacherDistance:
         return float(sum(dists) / len(dists))
 
 
+def domain_prompts(pipe: Pipeline, n: int, seed: int = 0) -> list[str] | None:
+    """``n`` captions of the distribution ``pipe`` was trained on, when it is known (zoo:snapshapes and its
+    descendants: the zoo's *training* split, never the held-out captions its scores use), else None.
+    Half of VALIDATION_PROMPTS are scenes such a model never learnt, and a quality signal measured there is
+    mostly about what it draws for prompts it cannot serve."""
+    if not snapshapes_model(pipe):
+        return None
+    from snapopt.zoo import shapes
+
+    return shapes.sample_scenes(n, seed, split="train").captions()
+
+
 def text_context(pipe: Pipeline, prompts: list[str], gen: torch.Generator) -> torch.Tensor:
     """CLIP embeddings of ``prompts`` when the pipeline has a text encoder and tokenizer, else seeded noise."""
     dim = pipe.unet.config.cross_attention_dim
@@ -88,18 +100,6 @@ def _unet(pipe: Pipeline, x) -> torch.Tensor:
 
 
 # ---- quality retained: the final pipeline against the input model --------------------------------------------
-def domain_prompts(pipe: Pipeline, n: int, seed: int = 0) -> list[str] | None:
-    """``n`` captions of the distribution ``pipe`` was trained on, when it is known (zoo:snapshapes and its
-    descendants: the zoo's *training* split, never the held-out captions its scores use), else None.
-    Half of VALIDATION_PROMPTS are scenes such a model never learnt, and a quality signal measured there is
-    mostly about what it draws for prompts it cannot serve."""
-    if not snapshapes_model(pipe):
-        return None
-    from snapopt.zoo import shapes
-
-    return shapes.sample_scenes(n, seed, split="train").captions()
-
-
 def snapshapes_model(pipe: Pipeline) -> bool:
     """Whether the zoo's snapshapes evaluator can judge ``pipe`` (it descends from zoo:snapshapes)."""
     origin = str(pipe.extra.get("origin") or pipe.source)

@@ -6,6 +6,7 @@ The resolved recipe (defaults filled in) is echoed into the run folder.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -74,12 +75,12 @@ class Recipe(_Strict):
 class ResolvedRecipe:
     """A validated recipe with its passes instantiated and targets resolved."""
 
-    def __init__(self, recipe: Recipe, path: Path | None, passes: list, targets: list, sets: list[str] | None = None):
+    def __init__(self, recipe: Recipe, path: Path | None, passes: list, targets: list):
         self.recipe = recipe
         self.path = path
         self.passes = passes
         self.targets = targets
-        self.sets = list(sets or [])  # the ``--set KEY=VALUE`` overrides applied, as given (the report records them)
+        self.sets: list[str] = []  # the ``--set KEY=VALUE`` overrides applied, as given (load_recipe; the report records them)
 
     def to_dict(self) -> dict[str, Any]:
         data = self.recipe.model_dump(mode="json", by_alias=True)
@@ -141,23 +142,18 @@ def parse_set(text: str) -> tuple[str, Any]:
         raise UsageError(f"--set {_cut(key)}: VALUE nested too deep") from None
 
 
+@functools.cache
 def _set_loader():
     """The recipes' strict loader, plus YAML 1.2 floats without a dot (``1e-4``: a string to PyYAML's YAML 1.1),
     since that is how people write learning rates on a command line."""
-    global _SET_LOADER
-    if _SET_LOADER is None:
-        from snapopt.checks.files import _UniqueKeyLoader
+    from snapopt.checks.files import _UniqueKeyLoader
 
-        class SetLoader(_UniqueKeyLoader):
-            pass
+    class SetLoader(_UniqueKeyLoader):
+        pass
 
-        SetLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                        list("-+0123456789"))
-        _SET_LOADER = SetLoader
-    return _SET_LOADER
-
-
-_SET_LOADER = None
+    SetLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+    return SetLoader
 
 
 def _path(key: str) -> list[str | int]:

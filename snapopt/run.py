@@ -239,7 +239,7 @@ def build_report(resolved, pipe, shapes, before, after, records, exports, second
         sections.append({"title": "Predicted latency per target", "lines": latency_lines})
     return {
         "recipe": resolved.to_dict(),  # the effective recipe: defaults filled in, --model and --set applied
-        "overrides": list(getattr(resolved, "sets", [])),  # the --set KEY=VALUE overrides, in order, as given
+        "overrides": list(resolved.sets),  # the --set KEY=VALUE overrides, in order, as given
         "model": {"source": pipe.source, "resolution": pipe.resolution, "prediction_type": pipe.prediction_type},
         "shapes": {"resolution": shapes.resolution, "batch": shapes.batch, "text_len": shapes.text_len},
         "targets": [{"id": t.id, "name": t.device.name, "chip": t.device.chip.name, "ios": t.device.ios} for t in resolved.targets],
@@ -285,7 +285,7 @@ def manifest(resolved: ResolvedRecipe, argv: list[str] | None) -> dict[str, Any]
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": argv or sys.argv,
-        "overrides": list(getattr(resolved, "sets", [])),  # --set KEY=VALUE, in order: the recipe file plus these
+        "overrides": list(resolved.sets),  # --set KEY=VALUE, in order: the recipe file plus these
         "seed": resolved.recipe.seed,
         "model": resolved.recipe.model,
         "inputs_sha256": inputs,

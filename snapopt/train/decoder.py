@@ -81,28 +81,25 @@ class DecoderObjective:
     def targets(self, x0: torch.Tensor, z: torch.Tensor, pool_index: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher decoder's images of ``z``: from the cache for pool latents, each decoded once.
         ``pool_index``: the batch's pool rows (Batch.pool_index, on the host), so no lookup and no device sync;
-        without it the rows are found by comparing ``x0`` with the pool."""
+        without it the rows are found by comparing ``x0`` with the pool, and rows not in it are decoded afresh."""
         if self._pool is None:
             return self.teacher_decoder(z).float()
         if pool_index is not None:
-            idx = pool_index.tolist()
-            missing = sorted(set(idx) - self._cache.keys())
-            if missing:
-                rows = self._pool[torch.tensor(missing, device=self._pool.device)]
-                imgs = self.teacher_decoder(rows.view(len(missing), *x0.shape[1:]).to(z) / self.scale).float()
-                self._cache.update(zip(missing, imgs))
-            return torch.stack([self._cache[i] for i in idx])
-        flat = x0.flatten(1).to(self._pool.device)
-        hit = (flat[:, None, :] == self._pool[None]).all(-1)  # exact: batches are rows of the pool
-        found = hit.any(1)
-        idx = hit.float().argmax(1).tolist()
-        missing = sorted({i for i, f in zip(idx, found.tolist()) if f and i not in self._cache})
+            return self._cached(pool_index.tolist(), x0, z)
+        hit = (x0.flatten(1).to(self._pool.device)[:, None, :] == self._pool[None]).all(-1)  # exact: batches are rows of the pool
+        found, idx = hit.any(1).tolist(), hit.float().argmax(1).tolist()
+        if all(found):
+            return self._cached(idx, x0, z)
+        rows = [i for i, f in zip(idx, found) if f]
+        cached = iter(self._cached(rows, x0, z)) if rows else iter(())
+        fresh = iter(self.teacher_decoder(z[~torch.tensor(found, device=z.device)]).float())
+        return torch.stack([next(cached) if f else next(fresh) for f in found])
+
+    def _cached(self, idx: list[int], x0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The teacher's images of pool rows ``idx``, decoding (in one batch) those not cached yet."""
+        missing = sorted(set(idx) - self._cache.keys())
         if missing:
-            imgs = self.teacher_decoder(self._pool[missing].view(len(missing), *x0.shape[1:]).to(z) / self.scale).float()
+            rows = self._pool[torch.tensor(missing, device=self._pool.device)]
+            imgs = self.teacher_decoder(rows.view(len(missing), *x0.shape[1:]).to(z) / self.scale).float()
             self._cache.update(zip(missing, imgs))
-        out = [self._cache[i] if f else None for i, f in zip(idx, found.tolist())]
-        if not all(f for f in found.tolist()):
-            fresh = self.teacher_decoder(z[~found]).float()
-            it = iter(fresh)
-            out = [o if o is not None else next(it) for o in out]
-        return torch.stack(out)
+        return torch.stack([self._cache[i] for i in idx])
