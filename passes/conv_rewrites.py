@@ -67,7 +67,8 @@ class SeparableConv(Pass):
             raise UsageError(f"{self.name}: give 'blocks' or 'resolutions'")
         root = program.component(o.component)
         names = list(o.blocks) if o.blocks and not o.resolutions else select_blocks(
-            program, o.component, ctx.shapes, kind="resnet", names=o.blocks, resolutions=o.resolutions)
+            program, o.component, ctx.shapes, kind="resnet", names=o.blocks, resolutions=o.resolutions,
+            graph=ctx.input_graphs.get(o.component))
         replaced, before, after = 0, 0, 0
         for name in names:
             try:

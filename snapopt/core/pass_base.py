@@ -64,6 +64,10 @@ class PassContext:
     teacher: Any = None
     history: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
+    #: block graph of each component the running pass touches, as the pass receives it (the manager's own
+    #: "before" capture), so a pass that selects blocks by resolution need not capture the model again.
+    #: Empty outside a PassManager; valid only until the pass changes the component.
+    input_graphs: dict[str, Any] = field(default_factory=dict)
 
 
 class Pass:

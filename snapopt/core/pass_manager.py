@@ -121,6 +121,7 @@ class PassManager:
         if p.structural:
             for attr in owners:
                 remember_base_config(getattr(candidate, attr))
+        self.ctx.input_graphs = {c: self.graphs[c] for c in touched}  # candidate is a clone: same graph
         try:
             p.requires(candidate, self.ctx)
             result = p.run(candidate, self.ctx)
@@ -130,6 +131,8 @@ class PassManager:
             raise PreconditionError(p.name, str(exc), history) from None
         except Exception as exc:
             raise PassError(p.name, f"{exc.__class__.__name__}: {exc}", history) from exc
+        finally:
+            self.ctx.input_graphs = {}
         seconds = time.perf_counter() - start
         if not isinstance(result, PassResult):
             raise PassError(p.name, f"run() must return a PassResult, got {type(result).__name__}", history)

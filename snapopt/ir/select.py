@@ -6,14 +6,16 @@ from snapopt.errors import UsageError
 
 
 def select_blocks(program, component: str, shapes, *, kind: str, names: list[str] | None = None,
-                  resolutions: list[int] | None = None) -> list[str]:
+                  resolutions: list[int] | None = None, graph=None) -> list[str]:
     """Blocks of ``kind`` (``attention``, ``resnet`` …) named in ``names`` or running at one of
-    ``resolutions`` (latent side, at ``shapes``), in execution order. Unknown names are errors."""
-    from snapopt.capture import block_graph
-
+    ``resolutions`` (latent side, at ``shapes``), in execution order. Unknown names are errors. ``graph``:
+    ``program``'s block graph at ``shapes`` when the caller has it (a pass: ``ctx.input_graphs``), else captured."""
     if shapes is None:
         raise UsageError("block selection by resolution needs the recipe's shapes")
-    graph = block_graph(program, component, shapes)
+    if graph is None:
+        from snapopt.capture import block_graph
+
+        graph = block_graph(program, component, shapes)
     of_kind = [b for b in graph.blocks() if graph.node(b)["kind"] == kind]
     chosen = []
     for name in names or []:
