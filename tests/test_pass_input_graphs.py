@@ -36,3 +36,16 @@ def test_a_pass_run_outside_a_manager_still_captures(tiny, tiny_shapes, monkeypa
     calls = _counting(monkeypatch)
     result = RemoveSelfAttention({"resolutions": [8]}).run(tiny.clone(["unet"]), PassContext(shapes=tiny_shapes))
     assert calls == ["unet"] and result.stats["blocks"]
+
+
+def test_block_prune_prices_its_input_from_the_managers_capture(tiny, tiny_shapes, monkeypatch):
+    from snapopt.passes.block_prune import BlockPrune
+
+    calls = _counting(monkeypatch)
+    options = {"target": "iphone-14-pro", "budget_fraction": 0.9, "prompts": 2, "timesteps": [500], "prompt_set": "validation"}
+    under_manager = PassManager([BlockPrune(options)], PassContext(shapes=tiny_shapes)).run(tiny)[1][0].stats
+    assert calls == ["unet"] * 2  # before and after, both the manager's
+    alone = BlockPrune(options).run(tiny.clone(["unet"]), PassContext(shapes=tiny_shapes)).stats
+    assert len(calls) == 3  # outside a manager the pass captures its input itself ...
+    assert alone["baseline_ms"] == under_manager["baseline_ms"]  # ... and prices it the same
+    assert alone["removed"] == under_manager["removed"]
