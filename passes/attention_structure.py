@@ -39,7 +39,7 @@ def _chosen(pass_: Pass, program, ctx: PassContext) -> list[str]:
     if o.blocks and not o.resolutions:
         return list(o.blocks)  # explicit names (also the replay path: no capture needed)
     return select_blocks(program, o.component, ctx.shapes, kind="attention", names=o.blocks, resolutions=o.resolutions,
-                         graph=ctx.input_graphs.get(o.component))
+                         graph=ctx.input_graph(program, o.component))
 
 
 def _transformer_blocks(unet: nn.Module, name: str):

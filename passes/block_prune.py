@@ -73,7 +73,6 @@ class BlockPrune(Pass):
     structural = True
 
     def run(self, program, ctx: PassContext) -> PassResult:
-        from snapopt.capture import block_graph
         from snapopt.devices.report import component_table
         from snapopt.models.skipping import skip_blocks, skippable_blocks
         from snapopt.passes.remove_blocks import RemoveBlocks
@@ -84,8 +83,7 @@ class BlockPrune(Pass):
             raise UsageError("block_prune needs weights to measure quality; load the model without structure_only")
         target = _pick_target(ctx, o.target)
         # the same price the run report prints (snapopt.devices.report.component_table): one number per quantity
-        graph = ctx.input_graphs.get("unet")  # the manager's capture of this very input, when run under one
-        table = component_table(graph if graph is not None else block_graph(program, "unet", ctx.shapes), target)
+        table = component_table(ctx.input_graph(program, "unet"), target)  # the manager's capture of this input
         baseline_ms = table.total_ms
         budget_ms = o.budget_ms if o.budget_ms is not None else o.budget_fraction * baseline_ms
         num_train = _num_train_timesteps(program)

@@ -68,7 +68,7 @@ class SeparableConv(Pass):
         root = program.component(o.component)
         names = list(o.blocks) if o.blocks and not o.resolutions else select_blocks(
             program, o.component, ctx.shapes, kind="resnet", names=o.blocks, resolutions=o.resolutions,
-            graph=ctx.input_graphs.get(o.component))
+            graph=ctx.input_graph(program, o.component))
         replaced, before, after = 0, 0, 0
         for name in names:
             try:

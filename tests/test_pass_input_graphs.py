@@ -29,6 +29,7 @@ def test_selection_reuses_the_managers_capture(tiny, tiny_shapes, monkeypatch):
     # the manager captures the input once and each result once; the passes themselves capture nothing
     assert calls == ["unet"] * 3
     assert rm.stats["blocks"] == fresh["attention"]
+    assert sep.stats["blocks"] == fresh["resnet"]
     assert ctx.input_graphs == {}  # cleared once the pass returns: it described the pass's input only
 
 

@@ -69,6 +69,19 @@ class PassContext:
     #: Empty outside a PassManager; valid only until the pass changes the component.
     input_graphs: dict[str, Any] = field(default_factory=dict)
 
+    def input_graph(self, program, component: str):
+        """``component``'s block graph as the running pass received it: the manager's capture when there is
+        one (``input_graphs``), else captured now at ``shapes`` (a pass run on its own)."""
+        graph = self.input_graphs.get(component)
+        if graph is None:
+            from snapopt.capture import block_graph
+            from snapopt.errors import UsageError
+
+            if self.shapes is None:
+                raise UsageError("block selection by resolution needs the recipe's shapes")
+            graph = block_graph(program, component, self.shapes)
+        return graph
+
 
 class Pass:
     """Subclass, set ``name`` and ``Options``, implement :meth:`run`.

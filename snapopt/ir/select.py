@@ -9,7 +9,7 @@ def select_blocks(program, component: str, shapes, *, kind: str, names: list[str
                   resolutions: list[int] | None = None, graph=None) -> list[str]:
     """Blocks of ``kind`` (``attention``, ``resnet`` …) named in ``names`` or running at one of
     ``resolutions`` (latent side, at ``shapes``), in execution order. Unknown names are errors. ``graph``:
-    ``program``'s block graph at ``shapes`` when the caller has it (a pass: ``ctx.input_graphs``), else captured."""
+    ``program``'s block graph at ``shapes`` when the caller has it (a pass: ``ctx.input_graph``), else captured."""
     if shapes is None:
         raise UsageError("block selection by resolution needs the recipe's shapes")
     if graph is None:
