@@ -86,6 +86,7 @@ def raise_on_sigterm() -> None:
 
     if threading.current_thread() is not threading.main_thread():
         return
+    _quiet_swallowed_signals()
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         def on_term(signum, frame):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
@@ -101,6 +102,26 @@ def raise_on_sigterm() -> None:
             raise exc
 
         signal.signal(signal.SIGINT, on_int)
+
+
+def _quiet_swallowed_signals() -> None:
+    """Keep Python's "Exception ignored in ... Traceback" report of a signal exception dropped in a ``__del__``
+    or weakref callback off the user's terminal (torch.export runs many): the exception is in ``_PENDING`` and
+    :func:`raise_pending_signal` raises it at the next stage, so the run still ends with its one line.
+    Every other unraisable exception goes to the hook that was there before."""
+    import sys
+
+    if getattr(sys.unraisablehook, "_snapopt_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if any(unraisable.exc_value is exc for exc in _PENDING):
+            return
+        previous(unraisable)
+
+    hook._snapopt_quiet = True
+    sys.unraisablehook = hook
 
 
 def raise_pending_signal() -> None:

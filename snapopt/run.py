@@ -145,6 +145,7 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, r
             report["resumed"] = {"passes_reused": len(done)}
         with stage("report"):
             write_run_files(tmp, resolved, report, argv)
+        raise_pending_signal()  # a signal swallowed while the report was written: nothing is published
         work.finish()  # the journal and saved components go; the lock is released
         if out_dir.exists():
             trash = out_dir.with_name(f".{out_dir.name}.old-{int(time.time())}")

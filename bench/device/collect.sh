@@ -7,10 +7,13 @@ R=${CHAIN_DIR:-/tmp/snapchain}; end=$((SECONDS + ${1:-540}))
 pending() { [ "$(grep -c 'chain queued' $R/lanes.log 2>/dev/null)" -gt "$(grep -c 'chain done' $R/lanes.log 2>/dev/null)" ]; }
 while [ $SECONDS -lt $end ] && pending; do sleep 5; done
 cat $R/lanes.log 2>/dev/null
-grep -a "^\[snapopt\]" $R/chain.log 2>/dev/null | tail -3
-tail -c 300 $R/chain.log 2>/dev/null | tr '\r' '\n' | tail -2
+for log in $R/logs/*.log; do  # each chain's last stage and progress line
+  [ -f "$log" ] || continue
+  echo "-- $(basename $log .log): $(grep -a "^\[snapopt\]" $log | tail -1)"
+  tail -c 300 $log | tr '\r' '\n' | grep -v '^$' | tail -1
+done
 P=$R/pack; rm -rf $P; mkdir -p $P
-cp -r $R/res $P/ 2>/dev/null; cp $R/chain.log $R/lanes.log $P/ 2>/dev/null
+cp -r $R/res $P/ 2>/dev/null; cp -r $R/logs $R/lanes.log $P/ 2>/dev/null
 for run in $R/runs/* $R/runs/.*.work; do
   [ -d "$run" ] || continue
   name=$(basename "$run"); name=${name#.}; name=${name%.work}
