@@ -122,13 +122,16 @@ class BlockPrune(Pass):
             nonlocal data
             from snapopt.train import dist
             from snapopt.train.data import LatentSource
-            from snapopt.train.jobs import run_recover
+            from snapopt.train.jobs import on_device, run_recover
 
             rt = o.robust_training
             if data is None:  # one data pool for every round (the zoo source renders and encodes thousands of scenes)
                 _, device = dist.init(rt.train.device)
-                data = LatentSource(ctx.teacher, rt.train.data, seed=rt.train.seed, device=device,
-                                    num_train=len(ctx.teacher.scheduler.alphas_cumprod))
+                # rendered and encoded where training runs: with the teacher left on the host, the 4096-scene pool
+                # took the first ~90 s of the pass on a GPU machine's CPU cores (GPU idle)
+                with on_device([ctx.teacher], device):
+                    data = LatentSource(ctx.teacher, rt.train.data, seed=rt.train.seed, device=device,
+                                        num_train=len(ctx.teacher.scheduler.alphas_cumprod))
             out = ctx.work_dir / f"block_prune-{len(ctx.history)}-round{round_}" if ctx.work_dir is not None else None
             with skip_blocks(program.unet, removed):
                 st, _ = run_recover(ctx.teacher, program, rt, out, data=data, title=f"block_prune robust round {round_}")
