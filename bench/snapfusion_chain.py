@@ -37,8 +37,21 @@ def summarise(run: Path) -> dict:
             row["step_distill"] = step_distill_summary(stats)
         rows.append(row)
     # overrides: the run's `snapopt apply --set` list (this script's --set), as its report recorded them
-    return {"run": str(run), "total_seconds": report.get("seconds"), "overrides": report.get("overrides", []), "passes": rows,
+    return {"run": str(run), "total_seconds": report.get("seconds"), "overrides": report.get("overrides", []),
+            "training_config_sha256": training_config_sha256(report), "passes": rows,
             "stages": report.get("timings") or report.get("stages"), "quality": report.get("quality")}
+
+
+def training_config_sha256(report: dict) -> str | None:
+    """A hash of what decides the output's weights (model, seed, passes and their options, overrides applied;
+    not exports or targets' file names): runs with equal hashes are repeats, and their spread is GPU noise."""
+    import hashlib
+
+    recipe = report.get("recipe")
+    if not isinstance(recipe, dict):
+        return None
+    key = {k: recipe.get(k) for k in ("model", "seed", "batch", "resolution", "passes")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def step_distill_summary(stats: dict) -> dict:

@@ -1,0 +1,124 @@
+"""Every SnapFusion chain run in bench/results against issue 11's claim, in one file and one picture.
+
+    python bench/chain_claims.py     # writes bench/results/snapfusion_chain.json and docs/img/chain_claims.png
+
+Reads the runs' ``snapfusion_chain_<card>[_<variant>]_eval.json`` (written by ``bench/snapfusion_chain.py --claim``
+on the GPU) and their companion chain JSON (wall time, overrides), re-checks each with the claim's one definition
+(:func:`snapopt.train.evaluation.claim_checks`), and sums up how far the runs spread. One run cannot settle a claim
+this close: the spread of repeated runs is as large as the effects measured, so the summary keeps every run.
+Reads only JSON already in the repository; runs anywhere in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+EVAL = re.compile(r"^snapfusion_chain_(?P<card>h100|h200)(?:_(?P<variant>.+))?_eval\.json$")
+METRICS = {"fid": "FID", "clip_score": "CLIP", "attribute_accuracy": "attributes"}
+
+
+def runs(results: Path = RESULTS) -> list[dict]:
+    """One row per chain run with a claim evaluation (student at 8 steps vs the teacher at 50, 64 prompts)."""
+    from snapopt.train.evaluation import claim_checks
+
+    rows = []
+    for path in sorted(results.glob("snapfusion_chain_*_eval.json")):
+        m = EVAL.match(path.name)
+        data = json.loads(path.read_text())
+        if not m or not isinstance(data.get("rows"), dict):
+            continue  # e.g. the CPU guidance sweep: another shape of file
+        students = [k for k in data["rows"] if k.startswith("student_")]
+        teachers = sorted((k for k in data["rows"] if k.startswith("teacher_")), key=lambda k: -int(k.split("_")[1]))
+        if len(students) != 1 or not teachers:
+            continue
+        student, teacher = data["rows"][students[0]], data["rows"][teachers[0]]
+        chain_path = path.with_name(path.name.replace("_eval.json", ".json"))
+        chain = json.loads(chain_path.read_text()) if chain_path.is_file() else {}
+        checks = claim_checks(student, teacher)
+        rows.append({"run": m["variant"] or "recipe", "card": m["card"], "file": path.name,
+                     "overrides": chain.get("overrides"), "wall_seconds": chain.get("wall_seconds"),
+                     "training_config_sha256": chain.get("training_config_sha256"),
+                     "student_steps": student["steps"], "teacher_steps": teacher["steps"], "n_prompts": student["n_prompts"],
+                     "student": {k: student[k] for k in METRICS}, "teacher": {k: teacher[k] for k in METRICS},
+                     "checks": checks, "met": all(checks.values())})
+    return rows
+
+
+def spread(rows: list[dict]) -> dict:
+    """Mean, standard deviation, min and max of each metric over the runs, and how many runs pass each test."""
+    out = {}
+    for key in METRICS:
+        vals = [r["student"][key] for r in rows]
+        out[key] = {"mean": round(statistics.fmean(vals), 4), "sd": round(statistics.stdev(vals), 4) if len(vals) > 1 else None,
+                    "min": min(vals), "max": max(vals)}
+    out["runs_passing"] = {k: sum(r["checks"][k] for r in rows) for k in rows[0]["checks"]} if rows else {}
+    out["runs_meeting_all"] = sum(r["met"] for r in rows)
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """FID against CLIP for every run, attributes as colour, the teacher's bar as lines: the claim's corner is
+    the top left (FID at most the teacher's, CLIP at least)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    teacher = rows[0]["teacher"]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    sc = ax.scatter([r["student"]["fid"] for r in rows], [r["student"]["clip_score"] for r in rows],
+                    c=[100 * r["student"]["attribute_accuracy"] for r in rows], cmap="viridis", s=60, edgecolors="k")
+    for r in rows:
+        ax.annotate(f"{r['run']} ({r['card']})", (r["student"]["fid"], r["student"]["clip_score"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.axvline(teacher["fid"], color="tab:red", ls="--", lw=1)
+    ax.axhline(teacher["clip_score"], color="tab:red", ls="--", lw=1)
+    ax.scatter([teacher["fid"]], [teacher["clip_score"]], marker="*", s=200, color="tab:red",
+               label=f"teacher, {rows[0]['teacher_steps']} steps ({100 * teacher['attribute_accuracy']:.1f}% attributes)")
+    fig.colorbar(sc, ax=ax, label="attribute accuracy, % (claim: teacher - 2 points)")
+    ax.margins(x=0.12)
+    ax.set_xlabel(f"FID, {rows[0]['n_prompts']} held-out prompts (lower is better)")
+    ax.set_ylabel("CLIP score (higher is better)")
+    ax.set_title(f"SnapFusion chain outputs at {rows[0]['student_steps']} steps: {len(rows)} runs vs the claim (top left)")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--json", type=Path, default=RESULTS / "snapfusion_chain.json")
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "chain_claims.png")
+    args = ap.parse_args(argv)
+    rows = runs(args.results)
+    if not rows:
+        raise SystemExit(f"error: no snapfusion_chain_*_eval.json with a claim in {args.results}")
+    summary = {"claim": "student at 8 steps: FID <= teacher at 50, CLIP >=, attribute accuracy >= teacher - 2 points "
+                        "(64 held-out zoo:snapshapes prompts, CFG 7.5)",
+               "command": "python bench/chain_claims.py", "runs": rows, "spread": spread(rows)}
+    args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    plot(rows, args.plot)
+    print(f"| run | card | FID | CLIP | attributes | met | wall |\n|---|---|---:|---:|---:|---|---:|")
+    for r in rows:
+        s, c = r["student"], r["checks"]
+        flags = "".join("y" if c[k] else "-" for k in ("fid", "clip_score", "attributes"))
+        print(f"| {r['run']} | {r['card']} | {s['fid']:.2f} | {s['clip_score']:.2f} | {100 * s['attribute_accuracy']:.1f}% | "
+              f"{flags} | {r['wall_seconds'] or '-'} |")
+    sp = summary["spread"]
+    print(f"{len(rows)} runs; FID {sp['fid']['min']:.2f}-{sp['fid']['max']:.2f} (sd {sp['fid']['sd']}), CLIP "
+          f"{sp['clip_score']['min']:.2f}-{sp['clip_score']['max']:.2f}; passing FID/CLIP/attributes: "
+          f"{sp['runs_passing']}; all three: {sp['runs_meeting_all']}. Wrote {args.json} and {args.plot}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
