@@ -61,3 +61,26 @@ def test_real_features_computed_once_per_evaluator(monkeypatch):
     with pytest.raises(Exception):  # another seed is another set of real renders: drawn (here: the broken stub)
         zev.score_images(images, scenes, seed=12)
     assert calls
+
+
+def test_split_einsum_models_are_sampled_with_sdpa_and_keep_their_form(pipe):
+    """A run's output ships split-einsum attention (for the Neural Engine); sampling it with sdpa is exact and
+    faster on CPU and GPU, and the model's own processors come back afterwards."""
+    from snapopt.models.attention import attention_kinds, attention_modules, sampling_attention, set_attention
+    from snapopt.zoo import shapes
+    from snapopt.zoo.evaluate import generate
+
+    captions = shapes.heldout_prompts(4).captions()
+    reference = generate(pipe, captions, steps=2, cfg=7.5, seed=3, batch=4)  # the zoo model: sdpa already
+    original = dict(pipe.unet.attn_processors)
+    try:
+        set_attention(pipe.unet, "split_einsum")
+        shipped = {name: m.processor for name, m in attention_modules(pipe.unet).items()}
+        with sampling_attention(pipe.unet) as swapped:
+            assert swapped == len(shipped) > 0 and set(attention_kinds(pipe.unet).values()) == {"sdpa"}
+        assert all(m.processor is shipped[name] for name, m in attention_modules(pipe.unet).items())
+        images = generate(pipe, captions, steps=2, cfg=7.5, seed=3, batch=4)
+        assert set(attention_kinds(pipe.unet).values()) == {"split_einsum"}
+        assert (images - reference).abs().max() < 1e-4
+    finally:
+        pipe.unet.set_attn_processor(original)

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -126,3 +128,25 @@ class GroupedKVAttnProcessor:
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+
+#: forms that compute the same attention as sdpa in a layout meant for another engine (the Neural Engine)
+_SAMPLING_SWAPS = {"split_einsum": "sdpa"}
+
+
+@contextmanager
+def sampling_attention(root: nn.Module):
+    """Sample with torch's fused attention where a model ships an exact form meant for another engine:
+    split-einsum (what Core ML's Neural Engine wants) computes the same numbers as sdpa, about 1.45x slower on a
+    CPU. The original processor objects come back afterwards, so what is saved or exported is untouched."""
+    saved = []
+    for m in attention_modules(root).values():
+        swap = _SAMPLING_SWAPS.get(processor_kind(m.processor))
+        if swap is not None:
+            saved.append((m, m.processor))
+            m.set_processor(make_processor(swap))
+    try:
+        yield len(saved)
+    finally:
+        for m, processor in saved:
+            m.set_processor(processor)

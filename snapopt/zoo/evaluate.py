@@ -59,6 +59,8 @@ def generate(pipeline, captions: list[str], steps: int, cfg: float, seed: int, b
     one diffusers call drew before (per-batch draws gave the same for the zoo's 1024-value latents)."""
     from diffusers import DDIMScheduler
 
+    from snapopt.models.attention import sampling_attention
+
     pipe = copy.copy(pipeline)  # shallow: shares modules, swaps only the scheduler
     pipe.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -68,13 +70,14 @@ def generate(pipeline, captions: list[str], steps: int, cfg: float, seed: int, b
     noise = initial_noise(pipe, len(captions), seed)
     gen = torch.Generator().manual_seed(seed)  # nothing else draws with eta 0; seeded should a sampler need it
     out = []
-    for i in range(0, len(captions), batch):
-        chunk = captions[i : i + batch]
-        imgs = pipe(chunk, height=size, width=size, num_inference_steps=steps, guidance_scale=cfg,
-                    latents=noise[i : i + batch], generator=gen, output_type="pt").images
-        out.append((imgs.float() * 2 - 1).cpu())  # the evaluator runs on the CPU whatever device generated
-        if progress:
-            progress(i + len(chunk), len(captions))
+    with sampling_attention(pipe.unet):  # a run's output ships split-einsum attention for the ANE: sample with sdpa (exact)
+        for i in range(0, len(captions), batch):
+            chunk = captions[i : i + batch]
+            imgs = pipe(chunk, height=size, width=size, num_inference_steps=steps, guidance_scale=cfg,
+                        latents=noise[i : i + batch], generator=gen, output_type="pt").images
+            out.append((imgs.float() * 2 - 1).cpu())  # the evaluator runs on the CPU whatever device generated
+            if progress:
+                progress(i + len(chunk), len(captions))
     return torch.cat(out)
 
 
