@@ -81,21 +81,24 @@ def test_rewritten_unet_lowers_to_onnx_and_coreml(tiny, tiny_shapes, tmp_path):
     from snapopt.lowering.coreml import lower_component
     from snapopt.lowering.onnx import export_onnx
 
-    out, _ = _run(tiny, tiny_shapes, RemoveSelfAttention({"resolutions": [8]}),
-                  GroupedQueryAttention({"resolutions": [4], "kv_heads": 2}), FuseQKV(),
-                  SeparableConv({"resolutions": [8]}))
     from snapopt.capture import block_graph
     from snapopt.devices.latency import build_table
     from snapopt.devices.registry import TARGETS
 
+    # priced from the managers' own captures (each program is captured once: torch.export is this test's cost)
+    first = PassManager([RemoveSelfAttention({"resolutions": [8]})], PassContext(shapes=tiny_shapes),
+                        graphs={"unet": block_graph(tiny, "unet", tiny_shapes)})
     target = TARGETS.resolve("iphone-14-pro")
-    before = build_table(block_graph(tiny, "unet", tiny_shapes), target).total_ms
-    after = build_table(block_graph(out, "unet", tiny_shapes), target).total_ms
+    before = build_table(first.graphs["unet"], target).total_ms
+    no_self_attn, _ = first.run(tiny)
+    rest = PassManager([GroupedQueryAttention({"resolutions": [4], "kv_heads": 2}), FuseQKV(), SeparableConv({"resolutions": [8]})],
+                       PassContext(shapes=tiny_shapes), graphs={"unet": first.graphs["unet"]})
+    out, _ = rest.run(no_self_attn)
+    after = build_table(rest.graphs["unet"], target).total_ms
     # every rewritten op is priced (finite, positive). On a model this small, GQA's K/V expansion and the
     # separable convs' extra op cost more than the MACs they save, so only the removal is sure to pay off
     assert 0 < after < float("inf")
-    no_self_attn, _ = _run(tiny, tiny_shapes, RemoveSelfAttention({"resolutions": [8]}))
-    assert build_table(block_graph(no_self_attn, "unet", tiny_shapes), target).total_ms < before
+    assert build_table(first.graphs["unet"], target).total_ms < before
     onnx = export_onnx(out, "unet", tiny_shapes, tmp_path / "onnx")
     assert onnx["onnxruntime_relative_error"] < 1e-4
     cm = lower_component(out, "unet", tiny_shapes, tmp_path / "coreml")
