@@ -65,7 +65,7 @@ def test_real_features_computed_once_per_evaluator(monkeypatch):
 
 def test_split_einsum_models_are_sampled_with_sdpa_and_keep_their_form(pipe):
     """A run's output ships split-einsum attention (for the Neural Engine); sampling it with sdpa is exact and
-    faster on CPU and GPU, and the model's own processors come back afterwards."""
+    faster (1.14x on CPU, bench/eval_sampling_attention.py), and the model's own processors come back afterwards."""
     from snapopt.models.attention import attention_kinds, attention_modules, sampling_attention, set_attention
     from snapopt.zoo import shapes
     from snapopt.zoo.evaluate import generate
