@@ -138,7 +138,8 @@ _SAMPLING_SWAPS = {"split_einsum": "sdpa"}
 def sampling_attention(root: nn.Module):
     """Sample with torch's fused attention where a model ships an exact form meant for another engine:
     split-einsum (what Core ML's Neural Engine wants) computes the same numbers as sdpa, 1.14x slower to sample
-    the zoo model on this CPU (bench/eval_sampling_attention.py). The original processor objects come back afterwards, so what is saved or exported is untouched."""
+    the zoo model on this CPU (bench/eval_sampling_attention.py). The original processor objects come back
+    afterwards, so what is saved or exported is untouched."""
     saved = []
     for m in attention_modules(root).values():
         swap = _SAMPLING_SWAPS.get(processor_kind(m.processor))
