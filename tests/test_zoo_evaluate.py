@@ -79,7 +79,13 @@ def test_split_einsum_models_are_sampled_with_sdpa_and_keep_their_form(pipe):
         with sampling_attention(pipe.unet) as swapped:
             assert swapped == len(shipped) > 0 and set(attention_kinds(pipe.unet).values()) == {"sdpa"}
         assert all(m.processor is shipped[name] for name, m in attention_modules(pipe.unet).items())
-        images = generate(pipe, captions, steps=2, cfg=7.5, seed=3, batch=4)
+        during = []  # what the UNet computes with while generate() samples
+        hook = pipe.unet.register_forward_pre_hook(lambda m, args: during.append(set(attention_kinds(m).values())))
+        try:
+            images = generate(pipe, captions, steps=2, cfg=7.5, seed=3, batch=4)
+        finally:
+            hook.remove()
+        assert during and all(kinds == {"sdpa"} for kinds in during)
         assert set(attention_kinds(pipe.unet).values()) == {"split_einsum"}
         assert (images - reference).abs().max() < 1e-4
     finally:
