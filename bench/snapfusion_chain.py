@@ -89,6 +89,21 @@ def card() -> str:
         return "unknown"
 
 
+def attempts_file(out: Path) -> Path:
+    """OUT.attempts.json, beside the run folder (which stays hidden as .OUT.work until the run completes)."""
+    return out.with_name(out.name + ".attempts.json")
+
+
+def record_attempt(out: Path, wall: float, rc: int) -> list[dict]:
+    """Append this `snapopt apply` attempt to OUT.attempts.json and return all of them: a chain continued with
+    --resume took the sum of its attempts, and its report times only the last one."""
+    path = attempts_file(out)
+    attempts = json.loads(path.read_text()) if path.exists() else []
+    attempts.append({"wall_seconds": wall, "exit": rc})
+    path.write_text(json.dumps(attempts))
+    return attempts
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "snapfusion-train.yaml"))
@@ -104,6 +119,8 @@ def main():
     wall = None
     run = args.report_only or args.out
     if args.report_only is None:
+        if not args.out.exists() and not args.out.with_name(f".{args.out.name}.work").exists():
+            attempts_file(args.out).unlink(missing_ok=True)  # a fresh run: earlier attempts were another run's
         t0 = time.perf_counter()
         # --resume: a run that dies (a preempted machine, a failed export) keeps its finished passes; the same
         # command continues it, and the report then says how many passes were reused (its timings are partial)
@@ -111,9 +128,12 @@ def main():
         cmd += [a for s in args.sets for a in ("--set", s)]
         rc = subprocess.call(cmd)
         wall = round(time.perf_counter() - t0, 1)
+        attempts = record_attempt(args.out, wall, rc)
         if rc:
             sys.exit(f"snapopt apply exited {rc} after {wall} s; the same command continues it (--resume)")
     res = {"device": card(), "recipe": os.path.relpath(args.recipe, ROOT), "wall_seconds": wall, **summarise(run)}
+    if args.report_only is None and len(attempts) > 1:  # a resumed chain: its wall is every attempt's, not the last one's
+        res.update(wall_seconds=round(sum(a["wall_seconds"] for a in attempts), 1), attempts=attempts)
     name = res["device"].replace("NVIDIA ", "").split()[0].lower()
     out = args.json or ROOT / "bench" / "results" / f"{args.name}_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -265,12 +265,6 @@ def write_run_files(folder: Path, resolved: ResolvedRecipe, report: dict[str, An
 
 def manifest(resolved: ResolvedRecipe, argv: list[str] | None) -> dict[str, Any]:
     """Versions, seed and hashes of every input: what it takes to reproduce the run."""
-    import coremltools
-    import diffusers
-    import onnx
-    import torch
-    import transformers
-
     import snapopt
 
     inputs = {}
@@ -290,7 +284,21 @@ def manifest(resolved: ResolvedRecipe, argv: list[str] | None) -> dict[str, Any]
         "seed": resolved.recipe.seed,
         "model": resolved.recipe.model,
         "inputs_sha256": inputs,
-        "versions": {"snapopt": snapopt.__version__, "python": platform.python_version(), "torch": torch.__version__,
-                     "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                     "coremltools": coremltools.__version__, "onnx": onnx.__version__},
+        "versions": {"snapopt": snapopt.__version__, "python": platform.python_version(),
+                     **{name: installed_version(name) for name in MANIFEST_PACKAGES}},
     }
+
+
+#: the packages a run's manifest records the version of (a recipe without exports runs without the converters)
+MANIFEST_PACKAGES = ("torch", "diffusers", "transformers", "coremltools", "onnx")
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution``, None when it is not installed. Read from the package metadata,
+    not by importing it: a run with exports off must not need coremltools to write its manifest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None

@@ -120,3 +120,25 @@ def test_export_command_onnx_only(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ex" / "exports" / "onnx" / "VAEDecoder.onnx").is_file()
     assert not (tmp_path / "ex" / "model").exists()
+
+
+def test_a_run_without_exports_needs_no_converter(tmp_path):
+    """exports off: the run (manifest included) completes where coremltools and onnx cannot be imported
+    (the GPU machine of a training chain has neither); the manifest says they are absent."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodel: arch:tiny\npasses:\n  - pass: attention_split_einsum\n    options: {component: unet}\n"
+                      "export: {coreml: false, onnx: false}\n")
+    code = ("import sys\nfor m in ('coremltools', 'onnx'): sys.modules[m] = None  # import fails\n"
+            f"import snapopt\nsnapopt.apply({str(recipe)!r}, {str(tmp_path / 'run')!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert set(manifest["versions"]) >= {"coremltools", "onnx", "diffusers", "transformers"}
+
+
+def test_installed_version_reads_metadata_without_importing():
+    from snapopt.run import installed_version
+
+    assert installed_version("torch") == torch.__version__
+    assert installed_version("no-such-distribution-snapopt") is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -364,3 +366,13 @@ def test_claim_compares_the_student_with_the_many_step_teacher(monkeypatch, tmp_
         evaluation._main(["a", "b"])
     with pytest.raises(UsageError, match="positive integers"):
         evaluation._main(["a", "b", "c.json", "8", "x"])
+
+
+@pytest.mark.parametrize("spec", sorted((Path(__file__).resolve().parents[1] / "snapopt" / "train" / "specs").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_spec_loads(spec):
+    """The ablation specs that bench/results cite stay valid as the option models change."""
+    from snapopt.train.spec import load_spec
+
+    options = load_spec(spec).job_options()
+    assert options.train.steps > 0
