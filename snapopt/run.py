@@ -294,10 +294,14 @@ MANIFEST_PACKAGES = ("torch", "diffusers", "transformers", "coremltools", "onnx"
 
 
 def installed_version(distribution: str) -> str | None:
-    """The installed version of ``distribution``, None when it is not installed. Read from the package metadata,
-    not by importing it: a run with exports off must not need coremltools to write its manifest."""
+    """The version of ``distribution``: the imported module's when the run imported it (what actually ran), else the
+    installed package's metadata, None when it is not installed. Never imports it: a run with exports off must not
+    need coremltools to write its manifest. (The five manifest packages import under their distribution names.)"""
     from importlib.metadata import PackageNotFoundError, version
 
+    module = sys.modules.get(distribution)
+    if module is not None and isinstance(getattr(module, "__version__", None), str):
+        return module.__version__
     try:
         return version(distribution)
     except PackageNotFoundError:
