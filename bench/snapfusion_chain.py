@@ -90,7 +90,7 @@ def card() -> str:
 
 
 def attempts_file(out: Path) -> Path:
-    """OUT.attempts.json, beside the run folder (which stays hidden as .OUT.work until the run completes)."""
+    """OUT.attempts.json, beside the run folder (which stays hidden in its work folder until the run completes)."""
     return out.with_name(out.name + ".attempts.json")
 
 
@@ -119,7 +119,9 @@ def main():
     wall = None
     run = args.report_only or args.out
     if args.report_only is None:
-        if not args.out.exists() and not args.out.with_name(f".{args.out.name}.work").exists():
+        from snapopt.checks.output import work_folder
+
+        if not args.out.exists() and not work_folder(args.out).exists():
             attempts_file(args.out).unlink(missing_ok=True)  # a fresh run: earlier attempts were another run's
         t0 = time.perf_counter()
         # --resume: a run that dies (a preempted machine, a failed export) keeps its finished passes; the same
