@@ -9,7 +9,8 @@ with different speed options, from the same start weights:
 * ``fast+channels_last``, ``fast+compile`` (Inductor), ``fast+compile-ro`` (Inductor + CUDA graphs),
   ``fast+compile-autotune`` (Inductor ``max-autotune-no-cudagraphs``: Triton GEMM/conv templates timed
   against cuBLAS/cuDNN), ``fast+compile-max-autotune`` (``max-autotune``: that plus CUDA graphs),
-  ``fast+cudagraphs`` (CUDA graphs without Inductor): ``--configs`` picks
+  ``fast+cudagraphs`` (CUDA graphs without Inductor), ``+flash_attn`` / ``+cudnn_attn`` / ``+efficient_attn``
+  (``attention_backend``: one scaled_dot_product_attention kernel): ``--configs`` picks
 
 ``--batch`` takes a comma list (``32,64,96``): every configuration runs at every batch, in one process
 and from the same start weights, so the rows compare; a batch that does not fit is recorded as such.
@@ -108,6 +109,11 @@ CONFIGS = {
     "fast+compile-autotune": dict(compile={"mode": "max-autotune-no-cudagraphs"}),
     "fast+compile-max-autotune": dict(compile={"mode": "max-autotune"}),
     "fast+cudagraphs": dict(compile={"backend": "cudagraphs"}),
+    "fast+flash_attn": dict(attention_backend="flash"),
+    "fast+cudnn_attn": dict(attention_backend="cudnn"),
+    "fast+efficient_attn": dict(attention_backend="efficient"),
+    "fast+compile+flash_attn": dict(compile={"mode": "default"}, attention_backend="flash"),
+    "fast+compile+cudnn_attn": dict(compile={"mode": "default"}, attention_backend="cudnn"),
 }
 
 
@@ -142,6 +148,7 @@ def main():
     from snapopt.models import load_model
     from snapopt.passes.remove_blocks import RemoveBlocks
     from snapopt.train import RecoverLoss, TrainOptions, Trainer
+    from snapopt.train.accel import reset_attention_backends
     from snapopt.train.recover import RecoverObjective
 
     ref = "arch:tiny" if args.tiny else args.teacher
@@ -189,6 +196,7 @@ def main():
         torch._dynamo.reset()
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = False  # sticky across configurations: each sets what it uses
+            reset_attention_backends()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         o = TrainOptions(steps=args.warmup, batch=batch, progress=False, ema=0.9999, device=str(device),

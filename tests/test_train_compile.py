@@ -93,3 +93,20 @@ def test_speed_options_do_not_block_resume(tmp_path, tiny_pipe):
     res = Trainer(obj, fast, tmp_path, device=CPU).run(resume=True)
     assert res.resumed_from == 1 and res.steps == 1
     assert next(student.unet.parameters()).is_contiguous()  # channels-last is undone after training
+
+
+def test_attention_backend_switches_sdpa_kernels_and_resets():
+    """attention_backend: one SDPA kernel allowed (plus math, the fallback); auto leaves torch's flags alone."""
+    from snapopt.train import TrainOptions
+    from snapopt.train.accel import configure_backends, reset_attention_backends
+
+    cuda = torch.backends.cuda
+    try:
+        configure_backends(TrainOptions(attention_backend="cudnn"), torch.device("cpu"))
+        assert cuda.cudnn_sdp_enabled() and cuda.math_sdp_enabled()
+        assert not cuda.flash_sdp_enabled() and not cuda.mem_efficient_sdp_enabled()
+        configure_backends(TrainOptions(), torch.device("cpu"))  # auto: untouched
+        assert not cuda.flash_sdp_enabled()
+    finally:
+        reset_attention_backends()
+    assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled() and cuda.cudnn_sdp_enabled()

@@ -376,3 +376,28 @@ def test_every_shipped_spec_loads(spec):
 
     options = load_spec(spec).job_options()
     assert options.train.steps > 0
+
+
+def test_guidance_kd_is_zero_for_the_teacher_itself_and_trains_the_guidance_direction(tiny_pipe):
+    """guidance_kd compares c - u of student and teacher on the same x_t: 0 when the student is the teacher
+    (exactly: same weights, same rows), and training on it alone brings the student's direction closer."""
+    import copy
+
+    from snapopt.train import RecoverLoss, Trainer
+    from snapopt.train.recover import RecoverObjective
+    from snapopt.train.dist import DistInfo
+
+    o = _train(steps=8, batch=4, data=dict(fixed_batch=True), optim=dict(lr=3e-3))
+    loss = RecoverLoss(task=0.0, output_kd=0.0, feature_kd=0.0, guidance_kd=1.0, guidance_fraction=0.5)
+    same = RecoverObjective(tiny_pipe, copy.deepcopy(tiny_pipe.unet), o, loss, device=CPU)
+    assert same.guidance_rows(4) == 2 and same.guidance_rows(1) == 1
+    _, parts = same.loss(0, DistInfo())
+    assert float(parts["guidance_kd"]) == 0.0
+
+    student = _bk_student(tiny_pipe)
+    obj = RecoverObjective(tiny_pipe, student.unet, o, loss, device=CPU)
+    hist = Trainer(obj, o, None).run().history
+    assert set(hist[0]) >= {"task", "guidance_kd"} and "output_kd" not in hist[0]
+    assert hist[-1]["guidance_kd"] < 0.7 * hist[0]["guidance_kd"]
+    # off by default: the recipes' recovery runs exactly the rows it ran before
+    assert RecoverObjective(tiny_pipe, student.unet, o, RecoverLoss(), device=CPU).guidance_rows(512) == 0

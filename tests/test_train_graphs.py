@@ -75,6 +75,17 @@ def test_recover_static_step_equals_ordinary_loop(tiny_pipe):
     assert min(r["feature_kd"] for r in hist) > 0
 
 
+def test_recover_guidance_kd_static_step_equals_ordinary_loop(tiny_pipe):
+    """The guidance KD's extra empty-prompt rows (one forward of batch + rows) in the static-buffer step."""
+    from snapopt.train import RecoverLoss
+    from snapopt.train.recover import RecoverObjective
+
+    unet = _pruned_unet(tiny_pipe)
+    loss = RecoverLoss(timestep_scaling=True, guidance_kd=1.0, guidance_fraction=0.5)
+    hist = _both(lambda o: RecoverObjective(tiny_pipe, unet, o, loss, device=CPU), unet, _opts())
+    assert min(r["guidance_kd"] for r in hist) > 0
+
+
 def test_step_distill_static_step_equals_ordinary_loop(tiny_pipe):
     """Guided and plain steps (one static-buffer set, on the GPU one graph, each), CFG normalisation, the
     mixed-in denoising loss, a v-prediction student on the halved grid."""

@@ -28,10 +28,24 @@ def teacher_dtype(o: TrainOptions, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+_SDPA_FLAGS = {"flash": "flash", "cudnn": "cudnn", "efficient": "mem_efficient"}
+
+
 def configure_backends(o: TrainOptions, device: torch.device) -> None:
-    """cuDNN autotuning: at the zoo's small channel counts its default algorithms cost 15% of a step."""
+    """cuDNN autotuning: at the zoo's small channel counts its default algorithms cost 15% of a step. The
+    attention kernel (``attention_backend``): process-wide switches, as cudnn.benchmark is."""
     if device.type == "cuda" and (o.cudnn_benchmark if o.cudnn_benchmark is not None else True):
         torch.backends.cudnn.benchmark = True
+    if o.attention_backend != "auto":
+        for name, flag in _SDPA_FLAGS.items():
+            getattr(torch.backends.cuda, f"enable_{flag}_sdp")(name == o.attention_backend)
+        torch.backends.cuda.enable_math_sdp(True)  # the fallback for a shape the chosen kernel refuses
+
+
+def reset_attention_backends() -> None:
+    """Every SDPA kernel allowed again (torch's default), e.g. between benchmark configurations."""
+    for flag in (*_SDPA_FLAGS.values(), "math"):
+        getattr(torch.backends.cuda, f"enable_{flag}_sdp")(True)
 
 
 def adamw(params, o: TrainOptions, device: torch.device, *, capturable: bool = False) -> torch.optim.AdamW:

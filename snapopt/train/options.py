@@ -87,6 +87,10 @@ class TrainOptions(_Opts):
                                                        "robust training's random block skipping is captured as per-step gates (same "
                                                        "training as eager); refused with torchrun, gradient_checkpointing, compile; "
                                                        "on CPU the same step runs uncaptured; default: off")
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+        "auto", description="scaled_dot_product_attention's kernel: auto (torch's choice) or one backend first, the math "
+                            "kernel staying as the fallback for shapes it refuses (CUDA; SD-scale attention at 4096 tokens "
+                            "with 40-wide heads is where the choice shows)")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp (replicated) or fsdp (FSDP2 fully_shard "
                                                                  "per UNet block: parameters, gradients and optimizer state sharded)")
 
@@ -117,10 +121,15 @@ class RecoverLoss(_Opts):
     feature_kd: float = Field(1.0, ge=0, description="weight of the stage-output feature MSE (summed over stages)")
     stages: list[str] = Field(default_factory=list, description="stages to match (default: every down/mid/up stage both have)")
     timestep_scaling: bool = Field(False, description="SnapGen: rescale KD terms per sample to the task loss's magnitude at that t")
+    guidance_kd: float = Field(0.0, ge=0, description="weight of the guidance-direction KD: |(c_s - u_s) - (c_t - u_t)|^2, the "
+                                                      "conditional minus the empty-prompt output of student and teacher, which "
+                                                      "classifier-free guidance multiplies by its scale (0: off)")
+    guidance_fraction: float = Field(0.25, gt=0, le=1, description="share of the batch also run with the empty prompt for "
+                                                                   "guidance_kd (extra forward work: this fraction of the batch)")
 
     @model_validator(mode="after")
     def _some(self):
-        if self.task + self.output_kd + self.feature_kd == 0:
+        if self.task + self.output_kd + self.feature_kd + self.guidance_kd == 0:
             raise ValueError("all loss weights are 0")
         return self
 

@@ -1,6 +1,12 @@
 """Distillation recovery of a UNet from its teacher (BK-SDM; SnapGen's timestep-aware scaling).
 
 loss = task * |s(x_t) - target|^2 + output_kd * |s(x_t) - T(x_t)|^2 + feature_kd * sum_stages |s_k - T_k|^2
+       + guidance_kd * |(s(x_t, c) - s(x_t, "")) - (T(x_t, c) - T(x_t, ""))|^2
+
+The last term is ours (CFG-aware KD, SnapFusion's idea for step distillation moved into recovery): sampling
+with guidance w uses u + w (c - u), so an error in the student's guidance direction c - u reaches the image
+multiplied by w (7.5 in the recipes), while output KD only sees each branch's own error. It runs a
+``guidance_fraction`` share of the batch a second time with the empty prompt, through teacher and student.
 
 ``target`` is the noise or v (the scheduler's prediction_type). With ``timestep_scaling`` each KD term is
 rescaled per sample to the task loss's magnitude at that sample's timestep (a stop-gradient ratio): the
@@ -69,16 +75,22 @@ class RecoverObjective:
         caller to fill from :meth:`draw`."""
         x_t = self.sched.add_noise(s["x0"], s["noise"], s["t"])
         t = to_device(s["t"], x_t.device)
-        want_teacher = self.lo.output_kd > 0 or self.lo.feature_kd > 0
-        t_out = None
+        n, m = len(x_t), self.guidance_rows(len(x_t))
+        x_in, t_in, c_in = x_t, t, s["cond"]
+        if m:  # the first m samples again, with the empty prompt: one forward of n + m rows each
+            x_in, t_in = torch.cat([x_t, x_t[:m]]), torch.cat([t, t[:m]])
+            c_in = torch.cat([s["cond"], self.data.uncond.expand(m, *s["cond"].shape[1:]).to(s["cond"].dtype)])
+        want_teacher = self.lo.output_kd > 0 or self.lo.feature_kd > 0 or m > 0
+        t_all = None
         if want_teacher:
-            t_out = self.teacher_fwd(x_t, t, s["cond"], return_dict=False)[0]
+            t_all = self.teacher_fwd(x_in, t_in, c_in, return_dict=False)[0]
         ctx = nullcontext()
         if "skip" in s:
             self._skip = to_device(s["skip"], x_t.device)  # pinned: no stall of the queue
             ctx = self.gates.gated(self._skip)
         with ctx:
-            s_out = self.forward_model(x_t, t, s["cond"], return_dict=False)[0]
+            s_all = self.forward_model(x_in, t_in, c_in, return_dict=False)[0]
+        s_out, t_out = s_all[:n], (t_all[:n] if t_all is not None else None)
         task = per_sample_mse(s_out, self.sched.target(s["x0"], s["noise"], s["t"]))
         parts = {"task": task.mean()}
         total = self.lo.task * task
@@ -89,12 +101,22 @@ class RecoverObjective:
         if self.matcher is not None:
             feat = self.matcher.per_sample_loss()
             if feat is not None:
+                feat = feat[:n]
                 parts["feature_kd"] = feat.mean()
                 total = total + self.lo.feature_kd * self._scaled(feat, task)
+        if m:
+            g_kd = per_sample_mse(s_out[:m].float() - s_all[n:].float(), t_out[:m].float() - t_all[n:].float())
+            parts["guidance_kd"] = g_kd.mean()
+            g_term = self.lo.guidance_kd * self._scaled(g_kd, task[:m])
+            total = torch.cat([total[:m] + g_term, total[m:]])
         logged = {k: v.detach() for k, v in parts.items()}
         if self.skipper is not None:
             logged["skipped"] = None
         return total.mean(), logged
+
+    def guidance_rows(self, n: int) -> int:
+        """How many of a batch of ``n`` the guidance KD runs again with the empty prompt (0 when it is off)."""
+        return max(1, round(self.lo.guidance_fraction * n)) if self.lo.guidance_kd > 0 else 0
 
     def loss(self, step: int, info: DistInfo):
         s, host = self.draw(step, info)
