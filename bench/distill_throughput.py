@@ -28,6 +28,7 @@ dense bf16 peak.
     python bench/distill_throughput.py --configs eager@64,fast+compile@64,fast+compile-autotune@64,fast+compile@32
     python bench/distill_throughput.py --teacher zoo:snapshapes --batch 512 --configs eager,fast,fast+compile-ro
     python bench/distill_throughput.py --tiny --steps 2 --batch 2 --configs eager,fast   # CPU smoke test
+    python bench/distill_throughput.py --configs fast@64,fast+compile@64 --profile 3  # + GPU time by kind of kernel
 """
 
 from __future__ import annotations
@@ -66,6 +67,61 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+#: GPU kernel name -> what it does, first match wins (cuDNN, cuBLAS/CUTLASS, Inductor's Triton and ATen names)
+KERNEL_KINDS = [
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("optimizer + EMA", ("adam", "foreach", "lerp", "multi_tensor")),
+    ("layout transforms", ("nchwtonhwc", "nhwctonchw")),
+    ("convolution", ("conv", "implicit_gemm", "wgrad", "dgrad", "fprop", "cudnn")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "cublas", "matmul", "xmma", "sm90_", "sm80_")),
+    ("normalisation", ("norm",)),
+    ("copies + casts", ("copy", "cast", "fill", "memcpy", "memset", "cat", "transpose")),
+    ("reductions", ("reduce", "sum", "mean")),
+    ("elementwise", ("elementwise", "vectorized", "silu", "gelu", "mul", "add")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    """Inductor's Triton kernels are named after the ops they fuse ("triton_per_fused_native_group_norm_silu_3",
+    "triton_poi_fused_add_convolution_7"): a fused normalisation or the rest, not the op named inside."""
+    low = name.lower()
+    if low.startswith("triton"):
+        return "Triton, fused normalisation" if "norm" in low else "Triton, fused elementwise"
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_steps(obj, o, device, steps: int) -> dict:
+    """Device time per training step by kind of kernel (torch.profiler over ``steps`` steps of the trainer):
+    where the time between the matmuls and convolutions goes. On CPU (smoke test) the ops' own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from snapopt.train import Trainer
+
+    cuda = device.type == "cuda"
+    o3 = o.model_copy(update={"steps": steps})
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        Trainer(obj, o3, None, device=device).run()
+        if cuda:
+            torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    kernels = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", 0) if cuda else ev.self_cpu_time_total
+        if us <= 0 or ev.key.startswith("ProfilerStep"):
+            continue
+        kind = kernel_kind(ev.key)
+        kinds[kind] = kinds.get(kind, 0.0) + us
+        kernels.append((us, ev.key, kind, ev.count))
+    total = sum(kinds.values()) or 1.0
+    kernels.sort(key=lambda k: -k[0])
+    order = sorted(kinds.items(), key=lambda kv: -kv[1])
+    return {"steps": steps, "clock": "gpu kernels" if cuda else "cpu ops", "ms_per_step": round(total / 1e3 / steps, 2),
+            "by_kind_ms_per_step": {k: round(v / 1e3 / steps, 2) for k, v in order},
+            "by_kind_share": {k: round(v / total, 4) for k, v in order},
+            "top_kernels": [{"name": n[:160], "kind": k, "ms_per_step": round(us / 1e3 / steps, 3), "calls_per_step": c / steps}
+                            for us, n, k, c in kernels[:25]]}
 
 
 def plain_loop(teacher, student, batch: int, steps: int, device, bf16: bool) -> float:
@@ -128,6 +184,8 @@ def main():
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--plain", action="store_true", help="also the hand-written plain loops (fp32, bf16)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--profile", type=int, default=0, help="after timing, profile this many steps per configuration: "
+                                                           "GPU time per step by kind of kernel (CPU: ops' time)")
     args = ap.parse_args()
     try:
         batches = [int(b) for b in args.batch.split(",")]
@@ -182,7 +240,7 @@ def main():
         entry.update(extra)
         results["runs"][name] = entry
         print(f"{name:28s} {ips:8.2f} img/s  {entry['tflops']:8.2f} TFLOP/s  MFU {entry.get('mfu', 'n/a')}  "
-              f"{ {k: v for k, v in extra.items() if k != 'losses'} }", flush=True)
+              f"{ {k: v for k, v in extra.items() if k not in ('losses', 'profile')} }", flush=True)
 
     tag = "tiny" if args.tiny else ("" if ref == "arch:sd-v1.5" else ref.replace(":", "_").replace("/", "_"))
     card = results["device"].replace("NVIDIA ", "").split()[0].lower()
@@ -211,6 +269,7 @@ def main():
             warm_s = time.perf_counter() - t0
             o2 = o.model_copy(update={"steps": args.steps + 1})
             res = Trainer(obj, o2, None, device=device).run()
+            prof = profile_steps(obj, o2, device, args.profile) if args.profile else None
             obj.close()
         except torch.cuda.OutOfMemoryError as exc:  # the largest batch is part of what is measured
             results["runs"][key] = {"batch": batch, "error": f"out of memory: {str(exc)[:200]}"}
@@ -224,6 +283,10 @@ def main():
         extra = {"batch": batch, "warmup_seconds": round(warm_s, 2), "losses": losses}
         if device.type == "cuda":
             extra["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        if prof is not None:
+            extra["profile"] = prof
+            print(f"{key}: {prof['clock']} {prof['ms_per_step']} ms/step; " +
+                  ", ".join(f"{k} {v:.0%}" for k, v in prof["by_kind_share"].items()), flush=True)
         if batch not in ref_losses:  # the first configuration at this batch is the reference (same data)
             ref_losses[batch] = losses
         else:
