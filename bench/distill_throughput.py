@@ -77,7 +77,7 @@ KERNEL_KINDS = [
     ("convolution", ("conv", "implicit_gemm", "wgrad", "dgrad", "fprop", "cudnn")),
     ("matmul", ("gemm", "cutlass", "nvjet", "cublas", "matmul", "xmma", "sm90_", "sm80_")),
     ("normalisation", ("norm",)),
-    ("copies + casts", ("copy", "cast", "fill", "memcpy", "memset", "cat", "transpose")),
+    ("copies + casts", ("copy", "fill", "memcpy", "memset", "catarray", "transpose")),  # not "cast": ATen's adds run in gpu_kernel_impl_nocast
     ("reductions", ("reduce", "sum", "mean")),
     ("elementwise", ("elementwise", "vectorized", "silu", "gelu", "mul", "add")),
 ]
