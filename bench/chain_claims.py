@@ -41,13 +41,46 @@ def runs(results: Path = RESULTS) -> list[dict]:
         chain_path = path.with_name(path.name.replace("_eval.json", ".json"))
         chain = json.loads(chain_path.read_text()) if chain_path.is_file() else {}
         checks = claim_checks(student, teacher)
+        signals = step_distill_signals(chain)
         rows.append({"run": m["variant"] or "recipe", "card": m["card"], "file": path.name,
                      "overrides": chain.get("overrides"), "wall_seconds": chain.get("wall_seconds"),
                      "training_config_sha256": chain.get("training_config_sha256"),
                      "student_steps": student["steps"], "teacher_steps": teacher["steps"], "n_prompts": student["n_prompts"],
                      "student": {k: student[k] for k in METRICS}, "teacher": {k: teacher[k] for k in METRICS},
-                     "checks": checks, "met": all(checks.values())})
+                     "checks": checks, "met": all(checks.values()), **({"step_distill": signals} if signals else {})})
     return rows
+
+
+#: step distillation's own end-of-stage numbers, as the chain JSON's step_distill row holds them
+SIGNALS = {"distill_cfg_last": "guided distillation loss, last 10% of steps",
+           "distance_zoo_prompts_after": "trajectory distance to the teacher on the zoo's prompts, after"}
+
+
+def step_distill_signals(chain: dict) -> dict:
+    rows = [p for p in chain.get("passes", []) if p.get("pass") == "step_distill"]
+    stats = rows[0].get("step_distill", rows[0]) if rows else {}
+    return {k: stats[k] for k in SIGNALS if isinstance(stats.get(k), (int, float))}
+
+
+def predictors(rows: list[dict]) -> dict:
+    """Does step distillation's own end-of-stage number predict the chain output? Spearman rank correlation of
+    each signal with the output's FID and CLIP, over the runs that trained with the recipe's guidance range (a
+    run that changes ``step_distill.loss.cfg_range`` has losses on another scale, so it is left out)."""
+    from scipy.stats import spearmanr
+
+    same = [r for r in rows if r.get("step_distill") and not any("cfg_range" in o for o in (r.get("overrides") or []))]
+    out = {"runs": len(same), "note": "Spearman rank correlation; runs whose overrides change step_distill.loss.cfg_range left out"}
+    for key, what in SIGNALS.items():
+        have = [r for r in same if key in r["step_distill"]]
+        if len(have) < 3:
+            continue
+        x = [r["step_distill"][key] for r in have]
+        entry = {"what": what, "runs": len(have)}
+        for metric in ("fid", "clip_score"):
+            rho, p = spearmanr(x, [r["student"][metric] for r in have])
+            entry[metric] = {"rho": round(float(rho), 3), "p": round(float(p), 3)}
+        out[key] = entry
+    return out
 
 
 def spread(rows: list[dict]) -> dict:
@@ -104,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: no snapfusion_chain_*_eval.json with a claim in {args.results}")
     summary = {"claim": "student at 8 steps: FID <= teacher at 50, CLIP >=, attribute accuracy >= teacher - 2 points "
                         "(64 held-out zoo:snapshapes prompts, CFG 7.5)",
-               "command": "python bench/chain_claims.py", "runs": rows, "spread": spread(rows)}
+               "command": "python bench/chain_claims.py", "runs": rows, "spread": spread(rows),
+               "step_distill_predictors": predictors(rows)}
     args.json.write_text(json.dumps(summary, indent=1) + "\n")
     plot(rows, args.plot)
     print(f"| run | card | FID | CLIP | attributes | met | wall |\n|---|---|---:|---:|---:|---|---:|")
@@ -117,6 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{len(rows)} runs; FID {sp['fid']['min']:.2f}-{sp['fid']['max']:.2f} (sd {sp['fid']['sd']}), CLIP "
           f"{sp['clip_score']['min']:.2f}-{sp['clip_score']['max']:.2f}; passing FID/CLIP/attributes: "
           f"{sp['runs_passing']}; all three: {sp['runs_meeting_all']}. Wrote {args.json} and {args.plot}")
+    pr = summary["step_distill_predictors"]
+    for key in SIGNALS:
+        if key in pr:
+            e = pr[key]
+            print(f"step distillation's {e['what']} vs the output over {e['runs']} runs: Spearman rho "
+                  f"{e['fid']['rho']:+.2f} with FID (p {e['fid']['p']:.2f}), {e['clip_score']['rho']:+.2f} with CLIP (p {e['clip_score']['p']:.2f})")
     return summary
 
 

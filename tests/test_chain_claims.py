@@ -35,6 +35,10 @@ def test_every_committed_run_is_rechecked_and_summed_up(tmp_path):
     assert summary["spread"]["runs_meeting_all"] == sum(r["met"] for r in summary["runs"])
     assert json.loads((tmp_path / "c.json").read_text()) == json.loads(json.dumps(summary))
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pred = summary["step_distill_predictors"]  # rank correlations of the stage's own numbers with the output
+    assert pred["runs"] >= 10
+    for key in ("distill_cfg_last", "distance_zoo_prompts_after"):
+        assert pred[key]["runs"] <= pred["runs"] and all(-1 <= pred[key][m]["rho"] <= 1 for m in ("fid", "clip_score"))
 
 
 def test_a_run_that_beats_the_teacher_meets_the_claim_and_the_slack_is_two_points(tmp_path):
