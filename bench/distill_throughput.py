@@ -29,6 +29,7 @@ dense bf16 peak.
     python bench/distill_throughput.py --teacher zoo:snapshapes --batch 512 --configs eager,fast,fast+compile-ro
     python bench/distill_throughput.py --tiny --steps 2 --batch 2 --configs eager,fast   # CPU smoke test
     python bench/distill_throughput.py --configs fast@64,fast+compile@64 --profile 3  # + GPU time by kind of kernel
+    python bench/distill_throughput.py --macs-only                                   # MACs per image (CPU, seconds)
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def bk_small_blocks() -> list[str]:
     return next(p["options"]["blocks"] for p in recipe["passes"] if p["pass"] == "remove_blocks")
 
 
-def macs(ref: str, blocks: list[str] | None, resolution: int) -> int:
+def macs(ref: str, blocks: list[str] | None, resolution: int) -> dict[str, int]:
+    """The UNet's MACs per image from its block graph: ``macs`` (all) and ``attention_macs`` (the attention
+    matmuls inside it)."""
     from snapopt.capture import block_graph
     from snapopt.lowering.interfaces import Shapes
     from snapopt.models import load_model
@@ -59,7 +62,8 @@ def macs(ref: str, blocks: list[str] | None, resolution: int) -> int:
     pipe = load_model(ref, components=("unet",), structure_only=True)
     if blocks:
         RemoveBlocks({"component": "unet", "blocks": blocks}).run(pipe, None)
-    return block_graph(pipe, "unet", Shapes(resolution=resolution, batch=1)).totals()["macs"]
+    totals = block_graph(pipe, "unet", Shapes(resolution=resolution, batch=1)).totals()
+    return {k: totals[k] for k in ("macs", "attention_macs")}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -92,7 +96,8 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
-def profile_steps(obj, o, device, steps: int) -> dict:
+def profile_steps(obj, o, device, steps: int, attention_flops_per_step: float | None = None,
+                  peak: float | None = None) -> dict:
     """Device time per training step by kind of kernel (torch.profiler over ``steps`` steps of the trainer):
     where the time between the matmuls and convolutions goes. On CPU (smoke test) the ops' own CPU time."""
     from torch.profiler import ProfilerActivity, profile
@@ -117,11 +122,26 @@ def profile_steps(obj, o, device, steps: int) -> dict:
     total = sum(kinds.values()) or 1.0
     kernels.sort(key=lambda k: -k[0])
     order = sorted(kinds.items(), key=lambda kv: -kv[1])
-    return {"steps": steps, "clock": "gpu kernels" if cuda else "cpu ops", "ms_per_step": round(total / 1e3 / steps, 2),
+    extra = {}
+    if attention_flops_per_step and kinds.get("attention"):  # the attention kernels' own rate, by the MFU convention
+        rate = attention_flops_per_step / (kinds["attention"] / 1e6 / steps)
+        extra = {"attention_tflops_per_s": round(rate / 1e12, 1), **({"attention_fraction_of_peak": round(rate / peak, 4)} if peak else {})}
+    return {**extra, "steps": steps, "clock": "gpu kernels" if cuda else "cpu ops", "ms_per_step": round(total / 1e3 / steps, 2),
             "by_kind_ms_per_step": {k: round(v / 1e3 / steps, 2) for k, v in order},
             "by_kind_share": {k: round(v / total, 4) for k, v in order},
             "top_kernels": [{"name": n[:160], "kind": k, "ms_per_step": round(us / 1e3 / steps, 3), "calls_per_step": c / steps}
                             for us, n, k, c in kernels[:25]]}
+
+
+def print_macs(ref: str) -> None:
+    """What the MFU and the profile's attention rate divide by: MACs per image, the attention matmuls among them."""
+    from snapopt.models import load_model
+
+    resolution = load_model(ref, components=("unet",), structure_only=True).resolution
+    for role, blocks in (("teacher", None), ("student (BK-SDM-Small)", bk_small_blocks())):
+        m = macs(ref, blocks, resolution)
+        print(f"{role:24s} {m['macs'] / 1e9:8.2f} GMACs per image, attention {m['attention_macs'] / 1e9:7.2f} "
+              f"({m['attention_macs'] / m['macs']:.1%})")
 
 
 def plain_loop(teacher, student, batch: int, steps: int, device, bf16: bool) -> float:
@@ -186,7 +206,12 @@ def main():
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--profile", type=int, default=0, help="after timing, profile this many steps per configuration: "
                                                            "GPU time per step by kind of kernel (CPU: ops' time)")
+    ap.add_argument("--macs-only", action="store_true", help="print the teacher's and student's MACs per image (all and "
+                                                                "attention) from their block graphs and stop (no GPU)")
     args = ap.parse_args()
+    if args.macs_only:
+        print_macs("arch:tiny" if args.tiny else args.teacher)
+        return
     try:
         batches = [int(b) for b in args.batch.split(",")]
         if "@" in args.configs:  # (batch, configuration), in run order
@@ -216,8 +241,10 @@ def main():
     blocks = bk_small_blocks()
     teacher = load_model(ref, components=("unet",), seed=0)
     resolution = teacher.resolution
-    mac_t, mac_s = macs(ref, None, resolution), macs(ref, blocks, resolution)
+    graph_t, graph_s = macs(ref, None, resolution), macs(ref, blocks, resolution)
+    mac_t, mac_s = graph_t["macs"], graph_s["macs"]
     flops_per_image = 2 * 3 * mac_s + 2 * mac_t
+    attention_flops_per_image = 2 * 3 * graph_s["attention_macs"] + 2 * graph_t["attention_macs"]
     student = teacher.clone(["unet"])
     RemoveBlocks({"component": "unet", "blocks": blocks}).run(student, None)
     teacher.to(device)
@@ -228,6 +255,7 @@ def main():
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "teacher": ref,
                "student": "bk-sdm-small (recipes/bk-sdm-small.yaml)", "resolution": resolution, "batch": batches if len(batches) > 1 else batches[0],
                "steps": args.steps, "warmup_steps": args.warmup, "teacher_gmacs": mac_t / 1e9, "student_gmacs": mac_s / 1e9,
+               "teacher_attention_gmacs": graph_t["attention_macs"] / 1e9, "student_attention_gmacs": graph_s["attention_macs"] / 1e9,
                "student_params": sum(p.numel() for p in student.unet.parameters()),
                "flops_per_image_student_fwd_bwd": 6 * mac_s, "flops_per_image_with_teacher_fwd": flops_per_image,
                "peak_bf16_flops": peak, "torch": torch.__version__, "runs": {}}
@@ -269,7 +297,8 @@ def main():
             warm_s = time.perf_counter() - t0
             o2 = o.model_copy(update={"steps": args.steps + 1})
             res = Trainer(obj, o2, None, device=device).run()
-            prof = profile_steps(obj, o2, device, args.profile) if args.profile else None
+            prof = (profile_steps(obj, o2, device, args.profile, attention_flops_per_image * batch, peak)
+                    if args.profile else None)
             obj.close()
         except torch.cuda.OutOfMemoryError as exc:  # the largest batch is part of what is measured
             results["runs"][key] = {"batch": batch, "error": f"out of memory: {str(exc)[:200]}"}

@@ -31,8 +31,8 @@ def summarise(folder: Path) -> dict:
         "lr": train.get("optim", {}).get("lr"),
         "steps": train.get("steps"),
         "seed": train.get("seed", 0),
-        "train_seconds": stats.get("seconds") or result.get("seconds"),
-        "images_per_second": stats.get("images_per_second") or result.get("images_per_second"),
+        "train_seconds": stats.get("seconds"),
+        "images_per_second": stats.get("images_per_second"),
         "teacher_distance_before": stats.get("teacher_distance_before"),
         "teacher_distance_after": stats.get("teacher_distance_after"),
     }

@@ -79,7 +79,7 @@ class RecoverObjective:
         x_in, t_in, c_in = x_t, t, s["cond"]
         if m:  # the first m samples again, with the empty prompt: one forward of n + m rows each
             x_in, t_in = torch.cat([x_t, x_t[:m]]), torch.cat([t, t[:m]])
-            c_in = torch.cat([s["cond"], self.data.uncond.expand(m, *s["cond"].shape[1:]).to(s["cond"].dtype)])
+            c_in = torch.cat([s["cond"], self.data.uncond.expand_as(s["cond"][:m])])
         want_teacher = self.lo.output_kd > 0 or self.lo.feature_kd > 0 or m > 0
         t_all = None
         if want_teacher:
