@@ -106,7 +106,8 @@ class DecoderDistill(_TrainingPass):
 
 
 class StepDistill(_TrainingPass):
-    """Step distillation N → N/2: one student DDIM step matches two teacher steps, optionally CFG-aware (SnapFusion)."""
+    """Step distillation N → N/2 (or N → student_steps): one student DDIM step matches two (or N/student_steps) teacher
+    steps, optionally CFG-aware (SnapFusion)."""
 
     name = "step_distill"
     Options = StepDistillJob
@@ -125,7 +126,7 @@ class StepDistill(_TrainingPass):
         return f"Step distillation {n} → {h}", [*_stage_rows(stats),
                 (f"distance of {h}-step student samples to {n}-step teacher, before", stats["distance_before"]),
                 ("… after", stats["distance_after"]), (f"teacher itself at {h} steps", stats["teacher_at_half_steps"]),
-                (f"distance to the teacher on the halved {h}-step grid, before → after",
+                (f"distance to the teacher on the {h}-step grid, each step split into {n // h}, before → after",
                  f"{_fmt(stats['distance_halved_before'])} → {_fmt(stats['distance_halved_after'])}"),
                 *_zoo_distance_rows(stats, n, h),
                 ("steps", stats["steps"]), ("images/s", stats["images_per_second"]), *losses,
@@ -139,7 +140,7 @@ def _zoo_distance_rows(stats: dict, n: int, h: int) -> list[tuple[str, object]]:
         return []
     return [(f"… on the zoo's held-out prompts: {h}-step student to {n}-step teacher, before → after",
              f"{_fmt(stats['distance_zoo_prompts_before'])} → {_fmt(stats['distance_zoo_prompts_after'])}"),
-            ("… on the zoo's held-out prompts, halved grid, before → after",
+            ("… on the zoo's held-out prompts, split grid, before → after",
              f"{_fmt(stats['distance_zoo_prompts_halved_before'])} → {_fmt(stats['distance_zoo_prompts_halved_after'])}")]
 
 

@@ -43,7 +43,7 @@ def test_pool_is_the_teachers_guided_sampler_walk(tiny_pipe):
     cond = obj.data.cond_bank[prompt]
     t, t_end = obj.transitions[2]
     k = 2
-    step = obj.teacher_two_steps(guided.states[:, k], torch.full((6,), t), cond, obj.data.uncond.expand_as(cond),
+    step = obj.teacher_walk(guided.states[:, k], torch.full((6,), t), cond, obj.data.uncond.expand_as(cond),
                                  guided.scale, torch.full((6,), t_end))
     torch.testing.assert_close(step.float(), guided.states[:, k + 1], rtol=1e-5, atol=1e-6)
     # the walk as a whole, against the independent sampler started from the pool's noise
@@ -118,3 +118,43 @@ def test_report_shows_the_distance_on_the_zoo_prompts_when_measured():
     _, rows = p.report_rows(stats)
     zoo = {label: value for label, value in rows if "held-out prompts" in str(label)}
     assert len(zoo) == 2 and any("0.2175 → 0.1672" in str(v) or "0.217 → 0.167" in str(v) for v in zoo.values()), zoo
+
+
+def test_direct_distillation_walks_the_finer_teacher_solve(tiny_pipe):
+    """loss.student_steps below N/2 (direct 16 -> 4 here): each student step is m = 4 teacher steps. The pool's
+    walk equals an independent sampler on the student's grid split in four (the last step stays whole below
+    t = 0), one pool step equals ``teacher_walk``, and the student's target lands on the next state."""
+    from snapopt.train.sampling import ddim_transitions, sample_latents, split_transitions
+
+    obj = _objective(tiny_pipe, teacher_steps=16, student_steps=4, cfg_range=(5.0, 5.0))
+    assert obj.student_steps == 4 and obj.substeps == 4 and obj.transitions == ddim_transitions(4)
+    path = split_transitions(obj.transitions, 4)
+    assert path[:4] == [(751, 689), (689, 626), (626, 564), (564, 501)] and path[-1] == (1, -249)
+    guided = obj.trajectory_pools()[True]
+    cond = obj.data.cond_bank[guided.prompt]
+    uncond = obj.data.uncond.expand_as(cond)
+    ref = sample_latents(tiny_pipe, cond, obj.data.uncond, steps=16, cfg=5.0, shape=obj.data.shape, seed=0, device=CPU,
+                         transitions=path, noise=guided.states[:, 0])
+    torch.testing.assert_close(guided.states[:, -1], ref, rtol=1e-4, atol=1e-5)
+    t, t_end = obj.transitions[1]
+    tt, te = torch.full((6,), t), torch.full((6,), t_end)
+    walked = obj.teacher_walk(guided.states[:, 1], tt, cond, uncond, guided.scale, te)
+    torch.testing.assert_close(walked.float(), guided.states[:, 2], rtol=1e-5, atol=1e-6)
+    # the target: one student DDIM step from state 1 reaches state 2
+    target = obj.student_target(guided.states[:, 1], tt, guided.states[:, 2], te)
+    landed = obj.ssched.ddim_step(target.double(), guided.states[:, 1].double(), tt, te)
+    torch.testing.assert_close(landed.float(), guided.states[:, 2], rtol=1e-4, atol=1e-5)
+
+
+def test_student_steps_must_divide_the_teachers():
+    import pytest
+    from pydantic import ValidationError
+
+    from snapopt.train.options import StepDistillLoss, student_step_count
+
+    assert student_step_count(StepDistillLoss(teacher_steps=16)) == 8
+    assert student_step_count(StepDistillLoss(teacher_steps=48, student_steps=8)) == 8
+    for bad in (dict(teacher_steps=32, student_steps=12), dict(teacher_steps=16, student_steps=16),
+                dict(teacher_steps=32, student_steps=8, grid="halved")):
+        with pytest.raises(ValidationError, match="student_steps"):
+            StepDistillLoss(**bad)

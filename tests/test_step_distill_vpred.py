@@ -44,7 +44,7 @@ def test_v_student_target_is_one_diffusers_v_step_onto_the_teacher(tiny_pipe):
     gen = torch.Generator().manual_seed(0)
     x_t, cond = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
     t = torch.tensor([751, 251])
-    x_end = obj.teacher_two_steps(x_t, t, cond, cond)
+    x_end = obj.teacher_walk(x_t, t, cond, cond)
     v = obj.student_target(x_t, t, x_end)
     one = DDIMScheduler.from_config(tiny_pipe.scheduler.config, prediction_type="v_prediction")
     one.set_timesteps(4)

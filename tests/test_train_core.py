@@ -185,7 +185,7 @@ def test_step_distillation_target_is_two_teacher_ddim_steps(tiny_pipe):
     x_t = torch.randn(2, 4, 8, 8, generator=gen)
     cond = torch.randn(2, 77, 32, generator=gen)
     t = torch.tensor([751, 751])
-    x_end = obj.teacher_two_steps(x_t, t, cond, cond)
+    x_end = obj.teacher_walk(x_t, t, cond, cond)
     # the same two steps with diffusers' DDIM at 8 steps (stride 125)
     ref = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
     ref.set_timesteps(8)
@@ -214,7 +214,7 @@ def test_cfg_aware_guidance_math(tiny_pipe):
     gen = torch.Generator().manual_seed(1)
     x, cond, unc = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen), torch.randn(2, 77, 32, generator=gen)
     t = torch.tensor([501, 251])
-    torch.testing.assert_close(obj.teacher_two_steps(x, t, cond, unc, torch.tensor([1.0, 1.0])), obj.teacher_two_steps(x, t, cond, unc))
+    torch.testing.assert_close(obj.teacher_walk(x, t, cond, unc, torch.tensor([1.0, 1.0])), obj.teacher_walk(x, t, cond, unc))
     w = torch.tensor([2.0, 9.0])
     with torch.no_grad():
         pu, pc = tiny_pipe.unet(x, t, unc).sample, tiny_pipe.unet(x, t, cond).sample

@@ -15,7 +15,8 @@ def sample_distance(teacher, student, student_steps: int, teacher_steps: int, *,
                     cache: dict | None = None) -> float:
     """Relative L2 distance of the student's ``student_steps``-step DDIM latents to the teacher's
     ``teacher_steps``-step latents from the same noise and prompts (lower is better). ``halved``: the
-    teacher walks the student's grid with every step split in two (what step distillation trains for)
+    teacher walks the student's grid with every step split into teacher_steps / student_steps (two for
+    N -> N/2: what step distillation trains for)
     instead of diffusers' own ``teacher_steps`` grid. ``student_grid``: the student's path
     (:func:`snapopt.train.sampling.student_transitions`); each pipeline is read under its own prediction type.
     ``texts``: the prompts (default: snapopt.quality.VALIDATION_PROMPTS, repeated to ``prompts``). ``cache``: a dict
@@ -29,9 +30,9 @@ def sample_distance(teacher, student, student_steps: int, teacher_steps: int, *,
     mine = student_transitions(student_steps, student_grid, num_train, offset)
     path = None
     if halved:
-        if teacher_steps != 2 * student_steps:
-            raise ValueError(f"halved needs teacher_steps == 2 * student_steps, got {teacher_steps} and {student_steps}")
-        path = split_transitions(mine)
+        if teacher_steps % student_steps or teacher_steps == student_steps:
+            raise ValueError(f"halved needs teacher_steps a multiple (>= 2) of student_steps, got {teacher_steps} and {student_steps}")
+        path = split_transitions(mine, teacher_steps // student_steps)
     key = (id(teacher.unet), teacher.prediction_type, teacher_steps, tuple(path) if path else None, tuple(texts), cfg, seed)
     ref = cache.get(key) if cache is not None else None
     if ref is None:

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from snapopt.core import PassOptions
 from snapopt.errors import UsageError
 from snapopt.train import dist
-from snapopt.train.options import DecoderLoss, RecoverLoss, RobustOptions, StepDistillLoss, StepDistillStage, TrainOptions
+from snapopt.train.options import DecoderLoss, RecoverLoss, RobustOptions, StepDistillLoss, StepDistillStage, TrainOptions, student_step_count
 from snapopt.train.trainer import Trainer, TrainResult
 
 
@@ -60,6 +60,8 @@ class StepDistillJob(PassOptions):
         if td is not None and td.loss.teacher_steps != 2 * self.loss.teacher_steps:
             raise ValueError(f"teacher_distill.loss.teacher_steps must be 2 x loss.teacher_steps ({2 * self.loss.teacher_steps}) so the "
                              f"distilled teacher runs the {self.loss.teacher_steps} steps this job distils from; got {td.loss.teacher_steps}")
+        if td is not None and self.loss.student_steps not in (None, self.loss.teacher_steps // 2):
+            raise ValueError("teacher_distill teaches an N -> N/2 student (the split steps it was trained on); leave loss.student_steps unset")
         if td is not None and td.loss.grid != "halved":
             raise ValueError("teacher_distill.loss.grid must be halved: the distilled teacher is then trained on exactly the "
                              "split steps this job's student is distilled from")
@@ -207,7 +209,7 @@ def _distill_stage(data_pipe, ref, program, train: TrainOptions, loss: StepDisti
     from snapopt.train.evaluation import heldout_captions, sample_distance, zoo_metrics
     from snapopt.train.step_distill import ReparamObjective, StepDistillObjective, loss_summary, set_prediction_type
 
-    n, half = loss.teacher_steps, loss.teacher_steps // 2
+    n, half = loss.teacher_steps, student_step_count(loss)
     want = loss.student_prediction or program.prediction_type
     # one cache of the teacher's latents per stage: ``ref`` is frozen, so before and after share them
     kw = dict(prompts=o.eval_prompts, cfg=o.eval_cfg, seed=train.seed, device=device, student_grid=loss.grid, cache={})
@@ -242,7 +244,7 @@ def _distill_stage(data_pipe, ref, program, train: TrainOptions, loss: StepDisti
     program.unet.eval()
     stats.update({"distance_before": before["student_half_steps"], "distance_after": sample_distance(ref, program, half, n, **kw),
                   "teacher_at_half_steps": before["teacher_half_steps"],
-                  # to the teacher on the student's grid with each step halved: the path the student was trained on
+                  # to the teacher on the student's grid with each step split into its teacher steps: the path it was trained on
                   "distance_halved_before": before["halved"], "distance_halved_after": sample_distance(ref, program, half, n, halved=True, **kw)})
     if zoo_texts:
         stats.update({"distance_zoo_prompts_before": before["zoo"],

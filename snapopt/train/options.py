@@ -135,7 +135,11 @@ class RecoverLoss(_Opts):
 
 
 class StepDistillLoss(_Opts):
-    teacher_steps: int = Field(16, ge=2, description="the teacher's step count N; the student learns N/2")
+    teacher_steps: int = Field(16, ge=2, description="the teacher's step count N; the student learns N/2 (or student_steps)")
+    student_steps: int | None = Field(
+        None, ge=1, description="the student's step count (default N/2). Fewer: each student step learns N/student_steps teacher "
+                                "steps at once, i.e. direct distillation from a finer solve of the teacher's ODE (32 -> 8: the "
+                                "16-step teacher's own few-step error, which an N -> N/2 student inherits, shrinks)")
     cfg_probability: float = Field(0.0, ge=0, le=1, description="CFG-aware distillation with this probability per step")
     cfg_range: tuple[float, float] = Field((2.0, 14.0), description="guidance scale drawn uniformly from this range")
     original_weight: float = Field(0.0, ge=0, description="weight of the plain denoising loss mixed in")
@@ -164,12 +168,22 @@ class StepDistillLoss(_Opts):
     def _check(self):
         if self.grid == "halved" and self.teacher_steps % 4:
             raise ValueError(f"grid: halved needs teacher_steps divisible by 4, got {self.teacher_steps}")
-        if self.teacher_steps % 2:
+        if self.student_steps is None and self.teacher_steps % 2:
             raise ValueError(f"teacher_steps must be even, got {self.teacher_steps}")
+        if self.student_steps is not None:
+            if self.student_steps >= self.teacher_steps or self.teacher_steps % self.student_steps:
+                raise ValueError(f"student_steps must divide teacher_steps and be fewer, got {self.student_steps} for {self.teacher_steps}")
+            if self.grid == "halved" and self.student_steps != self.teacher_steps // 2:
+                raise ValueError(f"grid: halved trains an N -> N/2 student; student_steps must be {self.teacher_steps // 2} or unset")
         lo, hi = self.cfg_range
         if not 1 <= lo <= hi:
             raise ValueError(f"cfg_range must satisfy 1 <= low <= high, got {list(self.cfg_range)}")
         return self
+
+
+def student_step_count(loss: StepDistillLoss) -> int:
+    """The student's steps: ``loss.student_steps``, else half the teacher's."""
+    return loss.student_steps or loss.teacher_steps // 2
 
 
 class StepDistillStage(_Opts):

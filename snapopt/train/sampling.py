@@ -33,14 +33,15 @@ def halved_transitions(steps: int, num_train: int = 1000, offset: int = 1) -> li
     return out
 
 
-def split_transitions(transitions: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Every step (t, t_prev) split in two at t - (t - t_prev) // 2: the path step distillation's teacher walks
-    for a student on ``transitions``. A split point below 0 would be an identity step (both ends at the final
-    alpha), so such a step stays whole."""
+def split_transitions(transitions: list[tuple[int, int]], parts: int = 2) -> list[tuple[int, int]]:
+    """Every step (t, t_prev) split into ``parts`` at t - ((t - t_prev) * i) // parts: the path step distillation's
+    teacher walks for a student on ``transitions`` (two teacher steps per student step, or more for a student
+    distilled directly from a finer solve). A split point below 0 would start an identity step (both ends at the
+    final alpha), so the step goes from the last point at or above 0 straight to t_prev."""
     out = []
     for t, t_prev in transitions:
-        mid = t - (t - t_prev) // 2
-        out += [(t, mid), (mid, t_prev)] if mid >= 0 else [(t, t_prev)]
+        points = [t] + [p for p in (t - ((t - t_prev) * i) // parts for i in range(1, parts)) if p >= 0] + [t_prev]
+        out += list(zip(points[:-1], points[1:]))
     return out
 
 

@@ -3,7 +3,9 @@
 The student samples on diffusers' DDIM grid for N/2 steps (stride r = 1000 // (N/2)); from a grid point t
 the teacher takes two DDIM steps t -> t - r//2 -> t - r. The student's target is the output whose single
 DDIM step t -> t - r lands exactly where the teacher's two steps did (Salimans & Ho's progressive
-distillation target, expressed in the student's prediction type).
+distillation target, expressed in the student's prediction type). ``loss.student_steps`` below N/2 makes
+each student step match m = N / student_steps teacher steps (direct N -> N/m): the student then learns a
+finer solve than the 16-step teacher's, whose own few-step error an N -> N/2 student inherits.
 
 CFG-aware (SnapFusion Sec. 4.2): with probability ``cfg_probability`` per step, guidance with a scale
 w ~ U(cfg_range) is applied to the teacher's *and* the student's outputs before the loss, so the student
@@ -41,7 +43,7 @@ from snapopt.train.accel import TeacherForward, to_device
 from snapopt.train.data import LatentSource
 from snapopt.train.diffusion import Schedule, guided
 from snapopt.train.dist import DistInfo, shard, step_generator
-from snapopt.train.options import StepDistillLoss, TrainOptions
+from snapopt.train.options import StepDistillLoss, TrainOptions, student_step_count
 from snapopt.train.recover import per_sample_mse
 from snapopt.train.sampling import student_transitions
 
@@ -65,7 +67,8 @@ class StepDistillObjective:
         self.student_prediction = loss.student_prediction or student_prediction or teacher.prediction_type
         self.ssched = Schedule(teacher.scheduler, self.student_prediction)  # the student's
         self.data = data or LatentSource(teacher, train.data, seed=train.seed, device=device, num_train=self.sched.num_train)
-        self.student_steps = loss.teacher_steps // 2
+        self.student_steps = student_step_count(loss)
+        self.substeps = loss.teacher_steps // self.student_steps  # teacher steps per student step
         self.stride = self.sched.num_train // self.student_steps
         offset = int(teacher.scheduler.config.get("steps_offset", 1))
         self.transitions = student_transitions(self.student_steps, loss.grid, self.sched.num_train, offset)
@@ -79,13 +82,18 @@ class StepDistillObjective:
 
     # -- the math, separately testable ------------------------------------------------------------------
     @torch.no_grad()
-    def teacher_two_steps(self, x_t, t, cond, uncond, scale=None, t_end=None):
-        """x at ``t_end`` (default t - r) after the teacher's two DDIM steps t -> t - (t - t_end)//2 -> t_end
-        (guided when ``scale`` is given)."""
+    def teacher_walk(self, x_t, t, cond, uncond, scale=None, t_end=None):
+        """x at ``t_end`` (default t - r) after the teacher's ``substeps`` DDIM steps between t and t_end, at
+        t - ((t - t_end) * i) // substeps (guided when ``scale`` is given). Tensor arithmetic per sample (no host
+        sync: CUDA graphs hold it); a point below 0 becomes t_end, where the remaining steps are identities."""
         t_end = t - self.stride if t_end is None else t_end
-        t_mid = t - (t - t_end) // 2
-        x_mid = self.sched.ddim_step(self._teacher_pred(x_t, t, cond, uncond, scale), x_t, t, t_mid)
-        return self.sched.ddim_step(self._teacher_pred(x_mid, t_mid, cond, uncond, scale), x_mid, t_mid, t_end)
+        x, here = x_t, t
+        for i in range(1, self.substeps + 1):
+            there = t - ((t - t_end) * i) // self.substeps
+            there = torch.where(there < 0, t_end, there) if i < self.substeps else t_end
+            x = self.sched.ddim_step(self._teacher_pred(x, here, cond, uncond, scale), x, here, there)
+            here = there
+        return x
 
     def student_target(self, x_t, t, x_end, t_end=None):
         """The student output (in its own prediction type) whose one DDIM step t -> t_end reaches ``x_end``."""
@@ -157,7 +165,7 @@ class StepDistillObjective:
             x_t, x_end = s["x_t"], s["x_end"]
         else:
             x_t = self.sched.add_noise(s["x0"], s["noise"], t)
-            x_end = self.teacher_two_steps(x_t, t, cond, uncond, scale, t_end)
+            x_end = self.teacher_walk(x_t, t, cond, uncond, scale, t_end)
         target = self.student_target(x_t.float(), t, x_end.float(), t_end)
         if use_cfg:
             out = self.forward_model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]), return_dict=False)[0]

@@ -5,8 +5,8 @@ starts from pure noise (at t = 876 on the leading 8-step grid, where noised data
 signal) and, under guidance, walks states that no noised image resembles. A student fitted only on noised
 data is off its training distribution exactly where it is used. A :class:`TrajectoryPool` holds, for each of
 ``n`` prompts (and guidance scales), the teacher's states at every point of the student's grid, walked from
-pure noise on the halved path (each student step as two teacher steps). The state after a student step is
-then exactly the teacher's two-step result from the state before it: the distillation target is read from
+pure noise on the split path (each student step as its two teacher steps, or ``substeps``). The state after a
+student step is then exactly the teacher's result from the state before it: the distillation target is read from
 the pool, and these training steps need no teacher forward.
 """
 
@@ -38,7 +38,7 @@ class TrajectoryPool:
             seq = [x]
             for t, t_end in objective.transitions:
                 tt, te = torch.full((len(x),), t), torch.full((len(x),), t_end)
-                x = objective.teacher_two_steps(x, tt, cond, uncond, scale, te).float()
+                x = objective.teacher_walk(x, tt, cond, uncond, scale, te).float()
                 seq.append(x)
             chunks.append(torch.stack(seq, 1))
         self.states = torch.cat(chunks)
