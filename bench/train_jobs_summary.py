@@ -2,7 +2,8 @@
 
 Each folder holds a job's result.json (`python -m snapopt.train SPEC --out FOLDER`). Per job: the spec file, the
 loss options, pool, learning rate, steps, seed, training seconds and images/s, the teacher distance before and after,
-and the zoo scores (the teacher, the student before and after) with the steps they were taken at. Jobs evaluated
+and the zoo scores (the teacher, the student before and after; for step distillation the teacher at N and N/2 steps
+and the student at N/2, with the trajectory distances on the zoo's prompts) with the steps they were taken at. Jobs evaluated
 with different noise seeds carry their own teacher row: compare each student with the teacher beside it.
 
     python bench/train_jobs_summary.py RUN_FOLDER... --out bench/results/recover_guidance_kd_h100.json \
@@ -36,7 +37,12 @@ def summarise(folder: Path) -> dict:
         "teacher_distance_before": stats.get("teacher_distance_before"),
         "teacher_distance_after": stats.get("teacher_distance_after"),
     }
-    for key in ("zoo_teacher", "zoo_before", "zoo_after"):
+    if spec.get("job") == "step_distill":
+        row.update({k: stats.get(k) for k in ("teacher_steps", "student_steps", "distance_zoo_prompts_before",
+                                               "distance_zoo_prompts_after", "distance_zoo_prompts_halved_before",
+                                               "distance_zoo_prompts_halved_after")})
+    # step distillation scores the teacher at N steps, itself at N/2 and the student at N/2 (zoo_*_n / _half)
+    for key in ("zoo_teacher", "zoo_before", "zoo_after", "zoo_teacher_n", "zoo_teacher_half", "zoo_student_half"):
         if key in stats:
             row[key] = {k: stats[key][k] for k in ZOO_KEYS if k in stats[key]}
     return row
@@ -59,7 +65,7 @@ def main() -> None:
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"{'job':44s} {'seed':>4s} {'teacher FID/CLIP':>18s} {'after FID/CLIP/attr':>24s} {'img/s':>7s}")
     for name, r in runs.items():
-        t, a = r.get("zoo_teacher", {}), r.get("zoo_after", {})
+        t, a = r.get("zoo_teacher", r.get("zoo_teacher_n", {})), r.get("zoo_after", r.get("zoo_student_half", {}))
         print(f"{name:44s} {r['seed']:>4} {t.get('fid', float('nan')):8.2f} / {t.get('clip_score', float('nan')):6.2f} "
               f"{a.get('fid', float('nan')):8.2f} / {a.get('clip_score', float('nan')):6.2f} / {a.get('attribute_accuracy', float('nan')):.3f} "
               f"{r['images_per_second'] or float('nan'):7.0f}")
