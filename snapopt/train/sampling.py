@@ -33,6 +33,12 @@ def halved_transitions(steps: int, num_train: int = 1000, offset: int = 1) -> li
     return out
 
 
+def split_point(t, t_prev, i: int, parts: int):
+    """The i-th of ``parts`` points from t to t_prev, t - ((t - t_prev) * i) // parts: ints or per-sample tensors (the
+    one rule the teacher's split path and step distillation's teacher walk share)."""
+    return t - ((t - t_prev) * i) // parts
+
+
 def split_transitions(transitions: list[tuple[int, int]], parts: int = 2) -> list[tuple[int, int]]:
     """Every step (t, t_prev) split into ``parts`` at t - ((t - t_prev) * i) // parts: the path step distillation's
     teacher walks for a student on ``transitions`` (two teacher steps per student step, or more for a student
@@ -40,7 +46,7 @@ def split_transitions(transitions: list[tuple[int, int]], parts: int = 2) -> lis
     final alpha), so the step goes from the last point at or above 0 straight to t_prev."""
     out = []
     for t, t_prev in transitions:
-        points = [t] + [p for p in (t - ((t - t_prev) * i) // parts for i in range(1, parts)) if p >= 0] + [t_prev]
+        points = [t] + [p for p in (split_point(t, t_prev, i, parts) for i in range(1, parts)) if p >= 0] + [t_prev]
         out += list(zip(points[:-1], points[1:]))
     return out
 

@@ -45,7 +45,7 @@ from snapopt.train.diffusion import Schedule, guided
 from snapopt.train.dist import DistInfo, shard, step_generator
 from snapopt.train.options import StepDistillLoss, TrainOptions, student_step_count
 from snapopt.train.recover import per_sample_mse
-from snapopt.train.sampling import student_transitions
+from snapopt.train.sampling import split_point, student_transitions
 
 if TYPE_CHECKING:
     from snapopt.train.trajectories import TrajectoryPool
@@ -84,13 +84,13 @@ class StepDistillObjective:
     @torch.no_grad()
     def teacher_walk(self, x_t, t, cond, uncond, scale=None, t_end=None):
         """x at ``t_end`` (default t - r) after the teacher's ``substeps`` DDIM steps between t and t_end, at
-        t - ((t - t_end) * i) // substeps (guided when ``scale`` is given). Tensor arithmetic per sample (no host
+        :func:`split_point` (guided when ``scale`` is given). Tensor arithmetic per sample (no host
         sync: CUDA graphs hold it); a point below 0 becomes t_end, where the remaining steps are identities."""
         t_end = t - self.stride if t_end is None else t_end
         x, here = x_t, t
         for i in range(1, self.substeps + 1):
-            there = t - ((t - t_end) * i) // self.substeps
-            there = torch.where(there < 0, t_end, there) if i < self.substeps else t_end
+            there = split_point(t, t_end, i, self.substeps)  # the last one is t_end itself
+            there = torch.where(there < 0, t_end, there)
             x = self.sched.ddim_step(self._teacher_pred(x, here, cond, uncond, scale), x, here, there)
             here = there
         return x
