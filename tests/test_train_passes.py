@@ -85,3 +85,41 @@ def test_step_distill_pass_reports_cfg_and_plain_errors_apart(tiny_pipe, tiny_sh
     lines = "\n".join(ctx.report["sections"][-1]["lines"])
     kinds = [k for k in ("cfg", "plain") if stats[f"distill_{k}_first"] is not None]
     assert kinds and all(f"distillation error, {k} steps, first → last 10%" in lines for k in kinds)
+
+
+def test_spec_student_starts_from_a_saved_model(tmp_path, tiny_pipe, tiny_shapes):
+    """`student:` trains a saved (here pruned) model against the spec's teacher, without replaying its passes."""
+    from snapopt.core import PassContext, PassManager
+    from snapopt.errors import UsageError
+    from snapopt.passes.remove_blocks import RemoveBlocks
+    from snapopt.serialization import save
+    from snapopt.train.cli import run_spec
+
+    pruned, _ = PassManager([RemoveBlocks({"component": "unet", "blocks": ["mid_block.attentions.0"]})],
+                            PassContext(shapes=tiny_shapes)).run(tiny_pipe)
+    save(pruned, tmp_path / "pruned")
+    n_pruned = sum(p.numel() for p in pruned.unet.parameters())
+    assert n_pruned < sum(p.numel() for p in tiny_pipe.unet.parameters())
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"model": "arch:tiny", "student": str(tmp_path / "pruned"), "job": "step_distill",
+                                "options": {"train": {"steps": 1, "batch": 2, "progress": False},
+                                            "loss": {"teacher_steps": 4}, "eval_prompts": 1}}))
+    stats = run_spec(spec, tmp_path / "run")
+    assert stats["steps"] == 1
+    from snapopt.serialization import load
+
+    out = load(tmp_path / "run" / "model")
+    assert sum(p.numel() for p in out.unet.parameters()) == n_pruned
+    assert not any(torch.equal(a, b) for a, b in zip(out.unet.parameters(), pruned.unet.parameters()) if a.requires_grad)
+    # the spec's passes apply to the student, not to the teacher
+    blocks = [n for n in ("down_blocks.0.attentions.0", "up_blocks.1.attentions.0") if n in dict(pruned.unet.named_modules())][:1]
+    spec.write_text(json.dumps({"model": "arch:tiny", "student": str(tmp_path / "pruned"), "job": "step_distill",
+                                "passes": [{"pass": "remove_blocks", "options": {"component": "unet", "blocks": blocks}}],
+                                "options": {"train": {"steps": 1, "batch": 2, "progress": False},
+                                            "loss": {"teacher_steps": 4}, "eval_prompts": 1}}))
+    assert blocks and run_spec(spec, tmp_path / "run3")["steps"] == 1
+    twice = load(tmp_path / "run3" / "model")
+    assert sum(p.numel() for p in twice.unet.parameters()) < n_pruned  # both removals: the student's and the spec's
+    spec.write_text(json.dumps({"model": "arch:tiny", "student": str(tmp_path / "missing"), "job": "step_distill"}))
+    with pytest.raises(UsageError, match="student"):
+        run_spec(spec, tmp_path / "run2")

@@ -35,10 +35,18 @@ def run_spec(spec_path: Path, out: Path, *, resume: bool = False, steps: int | N
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_model(spec.model, seed=options.train.seed, resolution=spec.resolution)
     program = teacher
+    if spec.student is not None:
+        from snapopt.errors import UsageError
+
+        try:
+            program = load_model(spec.student, seed=options.train.seed, resolution=spec.resolution)
+        except UsageError as exc:
+            raise UsageError(f"{spec_path}: student: {exc}") from None
+        check_student_fits(teacher, program, spec.student)
     if spec.passes:
         passes = [PASSES.resolve(p.pass_)(p.options) for p in spec.passes]
         ctx = PassContext(shapes=Shapes(resolution=teacher.resolution, batch=2), seed=options.train.seed, teacher=teacher)
-        program, _ = PassManager(passes, ctx, verify=False).run(teacher)
+        program, _ = PassManager(passes, ctx, verify=False).run(program)
     touched = "vae" if spec.job == "decoder_distill" else "unet"
     if program is teacher or getattr(program, touched) is getattr(teacher, touched):
         program = program.clone([options.component])  # never train the teacher's own modules
@@ -72,6 +80,20 @@ def train(spec: Path = typer.Argument(..., help="job spec (YAML or JSON)"),
         tdist.destroy_process_group()
 
 
+def check_student_fits(teacher, student, ref: str) -> None:
+    """A student from elsewhere must speak the teacher's latents and text embeddings: same resolution, latent
+    channels and cross-attention width (UsageError naming what differs)."""
+    from snapopt.errors import UsageError
+
+    pairs = [("resolution", teacher.resolution, student.resolution)]
+    if teacher.unet is not None and student.unet is not None:
+        for key in ("in_channels", "out_channels", "cross_attention_dim"):
+            pairs.append((f"unet {key}", teacher.unet.config.get(key), student.unet.config.get(key)))
+    for what, t, s in pairs:
+        if t != s:
+            raise UsageError(f"student '{ref}': {what} is {s}, the teacher's is {t}")
+
+
 def check_inputs(spec: Path, out: Path, *, resume: bool = False) -> None:
     """Before anything loads: the spec is readable UTF-8 YAML/JSON (no duplicate keys, bounded), its model
     reference and files are sane, and --out can be written. Errors are UsageError (exit 2), one line."""
@@ -87,12 +109,13 @@ def check_inputs(spec: Path, out: Path, *, resume: bool = False) -> None:
     bad_keys = [k for k in data if not isinstance(k, str)]
     if bad_keys:
         raise UsageError(f"spec '{spec}': key {str(bad_keys[0])[:40]!r} is not a string")
-    model = data.get("model")
-    if isinstance(model, str):
-        try:
-            check_model_reference(model)
-        except UsageError as exc:
-            raise UsageError(f"spec '{spec}': model: {exc}") from None
+    for field in ("model", "student"):
+        ref = data.get(field)
+        if isinstance(ref, str):
+            try:
+                check_model_reference(ref)
+            except UsageError as exc:
+                raise UsageError(f"spec '{spec}': {field}: {exc}") from None
     out = Path(out)
     if out.is_dir() and (resume or not any(out.iterdir())):
         check_output_dir(out, overwrite=True)  # continuing (or filling an empty folder): it must be writable

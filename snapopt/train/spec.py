@@ -25,7 +25,10 @@ class TrainSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="teacher: arch:<preset>, zoo:<name>, a folder or hub id")
     resolution: int | None = None
-    passes: list[PassSpec] = Field(default_factory=list, description="structural passes that turn the teacher into the student")
+    student: str | None = Field(None, description="the model the student starts from (a saved model folder, zoo:<name>, ...; "
+                                "default: the teacher); the spec's passes then apply to it. For training a stage on the "
+                                "output of another job (a recovered UNet, step-distilled here) without replaying it")
+    passes: list[PassSpec] = Field(default_factory=list, description="structural passes that turn the teacher (or the student) into the student")
     job: Literal["recover", "decoder_distill", "step_distill"]
     options: dict[str, Any] = Field(default_factory=dict)
     save_model: bool = True
