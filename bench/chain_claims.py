@@ -33,7 +33,7 @@ def runs(results: Path = RESULTS) -> list[dict]:
         data = json.loads(path.read_text())
         if not m or not isinstance(data.get("rows"), dict):
             continue  # e.g. the CPU guidance sweep: another shape of file
-        students = [k for k in data["rows"] if k.startswith("student_")]
+        students = [k for k in data["rows"] if k.startswith("student_") and k.split("_")[1].isdigit() and k.count("_") == 1]
         teachers = sorted((k for k in data["rows"] if k.startswith("teacher_")), key=lambda k: -int(k.split("_")[1]))
         if len(students) != 1 or not teachers:
             continue
@@ -47,7 +47,10 @@ def runs(results: Path = RESULTS) -> list[dict]:
                      "training_config_sha256": chain.get("training_config_sha256"),
                      "student_steps": student["steps"], "teacher_steps": teacher["steps"], "n_prompts": student["n_prompts"],
                      "student": {k: student[k] for k in METRICS}, "teacher": {k: teacher[k] for k in METRICS},
-                     "checks": checks, "met": all(checks.values()), **({"step_distill": signals} if signals else {})})
+                     "checks": checks, "met": all(checks.values()), **({"step_distill": signals} if signals else {}),
+                     # the same UNet with the teacher's decoder (evaluations since the seventh day): the decoder's share
+                     **({"student_teacher_decoder": {k: data["rows"][f"{students[0]}_teacher_decoder"][k] for k in METRICS}}
+                        if f"{students[0]}_teacher_decoder" in data["rows"] else {})})
     return rows
 
 

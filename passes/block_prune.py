@@ -12,7 +12,8 @@ chosen blocks are then removed physically with ``remove_blocks`` (in place, keep
 With ``robust_training`` the evaluations are interleaved with training, as in Algorithm 1: before every
 scoring round the UNet is distilled from the teacher for ``robust_training.train.steps`` steps, with the
 blocks chosen so far skipped and the survivors skipped at random (``robust_training.robust``), so each
-round scores a model that has learned to live without what is already gone.
+round scores a model that has learned to live without what is already gone. ``robust_weights: discard`` uses
+that training for the search only and removes the chosen blocks from the weights the pass received.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class BlockPruneOptions(ComponentOptions):
     robust_training: RecoverJob | None = Field(
         None, description="Algorithm 1: before each scoring round, train this recover job (train.steps per round) with the "
                           "chosen blocks skipped and the rest skipped at random (robust)")
+    robust_weights: Literal["keep", "discard"] = Field(
+        "keep", description="keep: the pruned UNet keeps the robust-trained weights (Algorithm 1); discard: robust training "
+                            "only guides the search, and the chosen blocks are removed from the weights the pass received "
+                            "(its round 0 alone moves the unpruned UNet to teacher distance ~0.12)")
 
     @field_validator("timesteps")
     @classmethod
@@ -116,6 +121,9 @@ class BlockPrune(Pass):
         log: list[dict] = []
         rounds: list[dict] = []
         data = None  # the robust-training data source, built on the first round
+        entering = None  # with robust_weights: discard, the UNet's weights as the pass received them
+        if o.robust_training is not None and o.robust_weights == "discard":
+            entering = {k: v.detach().to("cpu", copy=True) for k, v in program.unet.state_dict().items()}
 
         def train_round(round_: int) -> None:
             """Algorithm 1's robust training between evaluations (the blocks chosen so far stay skipped)."""
@@ -181,6 +189,8 @@ class BlockPrune(Pass):
                 if table.latency_us(_kept(table, trial)) / 1e3 <= budget_ms:
                     removed, added_back = trial, added_back + [name]
             current_ms = table.latency_us(_kept(table, removed)) / 1e3
+        if entering is not None:  # the search is done: back to the weights the pass received, then remove
+            program.unet.load_state_dict(entering)
         with skip_blocks(program.unet, removed):
             final_q = evaluator.score(program)
 
@@ -189,7 +199,7 @@ class BlockPrune(Pass):
                  "final_ms": round(current_ms, 2), "baseline_quality": base_q, "final_quality": final_q,
                  "evaluator": evaluator.name, "evaluator_prompts": "the model's training captions" if texts else "VALIDATION_PROMPTS",
                  "removed": removed, "added_back": added_back, "evaluations": len(log),
-                 "robust_rounds": rounds}
+                 "robust_rounds": rounds, "robust_weights": o.robust_weights if rounds else None}
         _report(ctx, stats, log, removed)
         return PassResult(program, modified=bool(removed), stats=stats,
                           replay_pass="remove_blocks", replay_options={"component": "unet", "blocks": removed, "keep_skips": True})

@@ -120,3 +120,9 @@ def test_block_prune_interleaves_robust_training(tiny, tiny_shapes, tmp_path, mo
     assert any("Robust training between rounds" in line for sec in ctx.report["sections"] for line in sec["lines"])
     with pytest.raises(PreconditionError, match="robust_training needs the teacher"):
         PassManager([BlockPrune(opts)], PassContext(shapes=tiny_shapes, targets=ctx.targets)).run(tiny)
+    # robust_weights: discard: the same search, then the blocks come out of the weights the pass received
+    ctx2 = PassContext(shapes=tiny_shapes, targets=ctx.targets, work_dir=tmp_path / "discard", teacher=tiny)
+    out2, (rec2,) = PassManager([BlockPrune({**opts, "robust_weights": "discard"})], ctx2).run(tiny)
+    assert rec2.stats["robust_weights"] == "discard" and len(rec2.stats["robust_rounds"]) == len(s["robust_rounds"])
+    kept2 = out2.unet.state_dict()
+    assert kept2.keys() < teacher_state.keys() and all(torch.equal(v, teacher_state[k]) for k, v in kept2.items())

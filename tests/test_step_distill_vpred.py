@@ -193,7 +193,8 @@ def test_recipe_takes_snapfusions_chain_of_teachers():
     stage = [p for p in data["passes"] if p["pass"] == "step_distill"][0]["options"]
     warm = {**stage["train"], "steps": 1000, "optim": {"lr": 2.0e-4, "schedule": "cosine", "warmup_steps": 50}}
     stage["reparametrise"] = warm
-    stage["loss"] = {**stage["loss"], "student_prediction": "v_prediction"}
+    loss = {k: v for k, v in stage["loss"].items() if k != "student_steps"}  # the recipe's direct 48 -> 8 becomes 16 -> 8
+    stage["loss"] = {**loss, "teacher_steps": 16, "student_prediction": "v_prediction"}
     stage["teacher_distill"] = {"train": copy.deepcopy(stage["train"]), "reparametrise": warm,
                                 "loss": {**stage["loss"], "teacher_steps": 32, "grid": "halved"}}
     sd = [p for p in validate_recipe(data, check_model=False).passes if p.name == "step_distill"][0].options

@@ -368,6 +368,28 @@ def test_claim_compares_the_student_with_the_many_step_teacher(monkeypatch, tmp_
         evaluation._main(["a", "b", "c.json", "8", "x"])
 
 
+def test_claim_scores_a_distilled_decoder_apart(monkeypatch, tiny_pipe):
+    """A student with its own decoder also gets a row with the teacher's decoder (UNet vs decoder share of the gap);
+    the check itself still uses the student as it ships."""
+    from snapopt.train import evaluation
+
+    student = tiny_pipe.clone(["vae"])
+    assert not evaluation._decoder_differs(student, tiny_pipe)  # a copy with equal weights: nothing to split
+    with torch.no_grad():
+        next(student.vae.decoder.parameters()).add_(0.1)
+    assert evaluation._decoder_differs(student, tiny_pipe)
+    seen = []
+
+    def fake(pipe, n, steps, cfg, seed, grid=None):
+        seen.append((pipe.vae is tiny_pipe.vae, pipe.unet is student.unet, steps))
+        return {"fid": 15.0, "clip_score": 96.0, "attribute_accuracy": 0.9}
+
+    monkeypatch.setattr(evaluation, "zoo_metrics", fake)
+    res = evaluation.claim(student, tiny_pipe)
+    assert set(res["rows"]) == {"teacher_50", "teacher_8", "student_8", "student_8_teacher_decoder"}
+    assert (True, True, 8) in seen and (False, True, 8) in seen and res["met"]
+
+
 @pytest.mark.parametrize("spec", sorted((Path(__file__).resolve().parents[1] / "snapopt" / "train" / "specs").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_every_shipped_spec_loads(spec):
