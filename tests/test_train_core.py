@@ -375,6 +375,9 @@ def test_claim_scores_a_distilled_decoder_apart(monkeypatch, tiny_pipe):
 
     student = tiny_pipe.clone(["vae"])
     assert not evaluation._decoder_differs(student, tiny_pipe)  # a copy with equal weights: nothing to split
+    half = tiny_pipe.clone(["vae"])
+    half.vae.half()
+    assert not evaluation._decoder_differs(half, tiny_pipe)  # nor one saved in fp16
     with torch.no_grad():
         next(student.vae.decoder.parameters()).add_(0.1)
     assert evaluation._decoder_differs(student, tiny_pipe)
