@@ -4,7 +4,8 @@
 # run folder's report, grids and loss curves as run_<name>.tgz (no weights or exports). Call again within 30 s of
 # the last call to keep the machine.
 R=${CHAIN_DIR:-/tmp/snapchain}; end=$((SECONDS + ${1:-540}))
-pending() { [ "$(grep -c 'chain queued' $R/lanes.log 2>/dev/null)" -gt "$(grep -c 'chain done' $R/lanes.log 2>/dev/null)" ]; }
+count() { cat $R/lanes.log 2>/dev/null | grep -c "$1"; }  # 0 without a lanes.log (nothing queued on this machine)
+pending() { [ "$(count 'chain queued')" -gt "$(count 'chain done')" ]; }
 while [ $SECONDS -lt $end ] && pending; do sleep 5; done
 cat $R/lanes.log 2>/dev/null
 for log in $R/logs/*.log; do  # each chain's last stage and progress line
