@@ -33,11 +33,12 @@ def runs(results: Path = RESULTS) -> list[dict]:
         data = json.loads(path.read_text())
         if not m or not isinstance(data.get("rows"), dict):
             continue  # e.g. the CPU guidance sweep: another shape of file
-        students = [k for k in data["rows"] if k.startswith("student_") and k.split("_")[1].isdigit() and k.count("_") == 1]
+        students = [k for k in data["rows"] if re.fullmatch(r"student_\d+", k)]  # not student_8_teacher_decoder
         teachers = sorted((k for k in data["rows"] if k.startswith("teacher_")), key=lambda k: -int(k.split("_")[1]))
         if len(students) != 1 or not teachers:
             continue
         student, teacher = data["rows"][students[0]], data["rows"][teachers[0]]
+        swapped = data["rows"].get(f"{students[0]}_teacher_decoder")
         chain_path = path.with_name(path.name.replace("_eval.json", ".json"))
         chain = json.loads(chain_path.read_text()) if chain_path.is_file() else {}
         checks = claim_checks(student, teacher)
@@ -49,8 +50,7 @@ def runs(results: Path = RESULTS) -> list[dict]:
                      "student": {k: student[k] for k in METRICS}, "teacher": {k: teacher[k] for k in METRICS},
                      "checks": checks, "met": all(checks.values()), **({"step_distill": signals} if signals else {}),
                      # the same UNet with the teacher's decoder (evaluations since the seventh day): the decoder's share
-                     **({"student_teacher_decoder": {k: data["rows"][f"{students[0]}_teacher_decoder"][k] for k in METRICS}}
-                        if f"{students[0]}_teacher_decoder" in data["rows"] else {})})
+                     **({"student_teacher_decoder": {k: swapped[k] for k in METRICS}} if swapped else {})})
     return rows
 
 

@@ -37,8 +37,8 @@ def stages(text: str) -> list[dict]:
             continue
         name, step, total, t = m["name"].strip(), int(m["step"]), int(m["total"]), _seconds(m["t"])
         if name not in bars:
-            bars[name], _ = [], order.append(name)
-        bars[name].append((step, t, total))
+            order.append(name)
+        bars.setdefault(name, []).append((step, t, total))
     out = []
     for name in order:
         pts = bars[name]

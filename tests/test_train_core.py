@@ -384,13 +384,15 @@ def test_claim_scores_a_distilled_decoder_apart(monkeypatch, tiny_pipe):
     seen = []
 
     def fake(pipe, n, steps, cfg, seed, grid=None):
-        seen.append((pipe.vae is tiny_pipe.vae, pipe.unet is student.unet, steps))
+        who = "teacher" if pipe is tiny_pipe else "student" if pipe is student else "swapped"
+        seen.append((who, pipe.unet is student.unet, pipe.vae is tiny_pipe.vae, steps))
         return {"fid": 15.0, "clip_score": 96.0, "attribute_accuracy": 0.9}
 
     monkeypatch.setattr(evaluation, "zoo_metrics", fake)
     res = evaluation.claim(student, tiny_pipe)
-    assert set(res["rows"]) == {"teacher_50", "teacher_8", "student_8", "student_8_teacher_decoder"}
-    assert (True, True, 8) in seen and (False, True, 8) in seen and res["met"]
+    assert set(res["rows"]) == {"teacher_50", "teacher_8", "student_8", "student_8_teacher_decoder"} and res["met"]
+    # the extra row: the student's UNet under the teacher's decoder; the student's own row keeps its decoder
+    assert ("swapped", True, True, 8) in seen and ("student", True, False, 8) in seen
 
 
 @pytest.mark.parametrize("spec", sorted((Path(__file__).resolve().parents[1] / "snapopt" / "train" / "specs").glob("*.yaml")),

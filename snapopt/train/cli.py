@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 def run_spec(spec_path: Path, out: Path, *, resume: bool = False, steps: int | None = None, device: str | None = None) -> dict:
     """Build teacher and student from the spec, train, and (rank 0) save. Returns the job's stats."""
     from snapopt.core import PASSES, PassContext, PassManager
+    from snapopt.errors import UsageError
     from snapopt.lowering.interfaces import Shapes
     from snapopt.models.loading import load_model
     from snapopt.train import dist, jobs
@@ -29,15 +30,11 @@ def run_spec(spec_path: Path, out: Path, *, resume: bool = False, steps: int | N
     options = spec.job_options()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not resume:
-        from snapopt.errors import UsageError
-
         raise UsageError(f"output folder '{out}' is not empty; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_model(spec.model, seed=options.train.seed, resolution=spec.resolution)
     program = teacher
     if spec.student is not None:
-        from snapopt.errors import UsageError
-
         try:
             program = load_model(spec.student, seed=options.train.seed, resolution=spec.resolution)
         except UsageError as exc:

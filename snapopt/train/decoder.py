@@ -74,7 +74,8 @@ class DecoderObjective:
         first = self.teacher_decoder(pool[:1] / self.scale)
         if len(pool) * first.numel() * 4 > PREFILL_BYTES:
             return  # SD-size images of a large pool: stay lazy
-        self._cached(list(range(len(pool))), pool[:1], pool[:1], chunk=chunk)
+        for a in range(0, len(pool), chunk):
+            self._decode(list(range(a, min(a + chunk, len(pool)))), pool[:1])
 
     @torch.no_grad()
     def psnr_vs_teacher(self) -> float:
@@ -111,14 +112,14 @@ class DecoderObjective:
         fresh = iter(self.teacher_decoder(z[~torch.tensor(found, device=z.device)]).float())
         return torch.stack([next(cached) if f else next(fresh) for f in found])
 
-    def _cached(self, idx: list[int], x0: torch.Tensor, z: torch.Tensor, chunk: int | None = None) -> torch.Tensor | None:
-        """The teacher's images of pool rows ``idx``, decoding (in batches of ``chunk``, default one) those not
-        cached yet; with ``chunk`` only the cache is filled (nothing returned)."""
+    def _cached(self, idx: list[int], x0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The teacher's images of pool rows ``idx``, decoding (in one batch) those not cached yet."""
         missing = sorted(set(idx) - self._cache.keys())
-        step = chunk or max(len(missing), 1)
-        for a in range(0, len(missing), step):
-            part = missing[a:a + step]
-            rows = self._pool[torch.tensor(part, device=self._pool.device)]
-            imgs = self.teacher_decoder(rows.view(len(part), *x0.shape[1:]).to(z) / self.scale).float()
-            self._cache.update(zip(part, imgs))
-        return None if chunk else torch.stack([self._cache[i] for i in idx])
+        if missing:
+            self._decode(missing, z)
+        return torch.stack([self._cache[i] for i in idx])
+
+    def _decode(self, rows: list[int], like: torch.Tensor) -> None:
+        """Decode pool ``rows`` with the teacher into the cache (latents shaped, typed and placed like ``like``)."""
+        z = self._pool[torch.tensor(rows, device=self._pool.device)].view(len(rows), *like.shape[1:]).to(like)
+        self._cache.update(zip(rows, self.teacher_decoder(z / self.scale).float()))
