@@ -50,7 +50,8 @@ def runs(results: Path = RESULTS) -> list[dict]:
                      "student": {k: student[k] for k in METRICS}, "teacher": {k: teacher[k] for k in METRICS},
                      "checks": checks, "met": all(checks.values()), **({"step_distill": signals} if signals else {}),
                      # the same UNet with the teacher's decoder (evaluations since the seventh day): the decoder's share
-                     **({"student_teacher_decoder": {k: swapped[k] for k in METRICS}} if swapped else {})})
+                     **({"student_teacher_decoder": {k: swapped[k] for k in METRICS},
+                         "teacher_decoder_checks": claim_checks(swapped, teacher)} if swapped else {})})
     return rows
 
 
@@ -95,6 +96,8 @@ def spread(rows: list[dict]) -> dict:
                     "min": min(vals), "max": max(vals)}
     out["runs_passing"] = {k: sum(r["checks"][k] for r in rows) for k in rows[0]["checks"]} if rows else {}
     out["runs_meeting_all"] = sum(r["met"] for r in rows)
+    swapped = [r for r in rows if "teacher_decoder_checks" in r]  # the decoder's share: the same UNets, the teacher's decoder
+    out["teacher_decoder"] = {"runs": len(swapped), "runs_meeting_all": sum(all(r["teacher_decoder_checks"].values()) for r in swapped)}
     return out
 
 
@@ -129,6 +132,14 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _flags(checks: dict) -> str:
+    return "".join("y" if checks[k] else "-" for k in ("fid", "clip_score", "attributes"))
+
+
+def _scores(m: dict) -> str:
+    return f"{m['fid']:.2f} / {m['clip_score']:.2f} / {100 * m['attribute_accuracy']:.1f}%"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -144,16 +155,18 @@ def main(argv: list[str] | None = None) -> dict:
                "step_distill_predictors": predictors(rows)}
     args.json.write_text(json.dumps(summary, indent=1) + "\n")
     plot(rows, args.plot)
-    print(f"| run | card | FID | CLIP | attributes | met | wall |\n|---|---|---:|---:|---:|---|---:|")
+    print("| run | card | FID | CLIP | attributes | met | wall | same UNet, teacher's decoder |\n|---|---|---:|---:|---:|---|---:|---|")
     for r in rows:
-        s, c = r["student"], r["checks"]
-        flags = "".join("y" if c[k] else "-" for k in ("fid", "clip_score", "attributes"))
+        s = r["student"]
+        swapped = r.get("student_teacher_decoder")
+        other = f"{_scores(swapped)} {_flags(r['teacher_decoder_checks'])}" if swapped else ""
         print(f"| {r['run']} | {r['card']} | {s['fid']:.2f} | {s['clip_score']:.2f} | {100 * s['attribute_accuracy']:.1f}% | "
-              f"{flags} | {r['wall_seconds'] or '-'} |")
+              f"{_flags(r['checks'])} | {r['wall_seconds'] or '-'} | {other} |")
     sp = summary["spread"]
     print(f"{len(rows)} runs; FID {sp['fid']['min']:.2f}-{sp['fid']['max']:.2f} (sd {sp['fid']['sd']}), CLIP "
           f"{sp['clip_score']['min']:.2f}-{sp['clip_score']['max']:.2f}; passing FID/CLIP/attributes: "
-          f"{sp['runs_passing']}; all three: {sp['runs_meeting_all']}. Wrote {args.json} and {args.plot}")
+          f"{sp['runs_passing']}; all three: {sp['runs_meeting_all']}; with the teacher's decoder, all three: "
+          f"{sp['teacher_decoder']['runs_meeting_all']} of {sp['teacher_decoder']['runs']}. Wrote {args.json} and {args.plot}")
     pr = summary["step_distill_predictors"]
     for key in SIGNALS:
         if key in pr:

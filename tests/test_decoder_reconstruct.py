@@ -138,3 +138,25 @@ def test_decoder_objective_caches_teacher_images(tiny_pipe):
     assert sum(calls) == 0  # none decoded again while training
     loss, _ = obj.loss(0, DistInfo())
     assert torch.isfinite(loss)
+
+
+def test_teacher_pool_draws_the_models_own_captions(tiny_pipe):
+    """Decoder data distillation learns from what the pipeline decodes at deployment: a teacher-sampled pool of a
+    zoo:snapshapes descendant is drawn for its training captions (prompt_set: auto), not for VALIDATION_PROMPTS,
+    half of which are scenes it never learnt. An unknown model, or prompt_set: validation, keeps those."""
+    from snapopt.quality import VALIDATION_PROMPTS
+    from snapopt.train.data import LatentSource
+    from snapopt.train.options import DataOptions
+    from snapopt.zoo import shapes
+
+    cpu = torch.device("cpu")
+    zoo_like = tiny_pipe.clone([])
+    zoo_like.extra["origin"] = "zoo:snapshapes"
+    opts = {"source": "teacher", "pool": 6, "teacher_steps": 1}
+    src = LatentSource(zoo_like, DataOptions(**opts), seed=3, device=cpu)
+    assert src.prompts == shapes.sample_scenes(6, 3, split="train").captions()
+    assert src.pool_prompt.tolist() == list(range(6)) and src.pool_x0.shape[0] == 6  # one latent per caption
+    assert LatentSource(zoo_like, DataOptions(**opts, prompt_set="validation"), seed=3, device=cpu).prompts == list(VALIDATION_PROMPTS)
+    assert LatentSource(tiny_pipe, DataOptions(**opts), seed=3, device=cpu).prompts == list(VALIDATION_PROMPTS)
+    with pytest.raises(ValueError, match="prompt_set"):
+        DataOptions(prompt_set="zoo")

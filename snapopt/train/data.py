@@ -63,6 +63,11 @@ class LatentSource:
         if o.source == "zoo":
             prompts, self.pool_x0 = _zoo_pool(teacher, o.pool, seed, device)
             self.shape = tuple(self.pool_x0.shape[1:])
+        if not prompts and o.prompt_set == "auto":
+            from snapopt.quality import domain_prompts
+
+            # a teacher pool drawn for prompts the model never learnt is not what its pipeline decodes at deployment
+            prompts = domain_prompts(teacher, o.pool if o.source == "teacher" else 64, seed) or []
         if not prompts:
             from snapopt.quality import VALIDATION_PROMPTS
 

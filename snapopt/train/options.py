@@ -35,7 +35,11 @@ class DataOptions(_Opts):
     """
 
     source: Literal["random", "teacher", "zoo"] = "random"
-    prompts: list[str] = Field(default_factory=list, description="prompts (default: snapopt.quality.VALIDATION_PROMPTS or zoo captions)")
+    prompts: list[str] = Field(default_factory=list, description="prompts (default: see prompt_set; the zoo source uses its scenes' captions)")
+    prompt_set: Literal["auto", "validation"] = Field(
+        "auto", description="prompts of the teacher and random sources when `prompts` is empty. auto: captions of the model's own "
+                            "training distribution where known (zoo:snapshapes: its training split), else "
+                            "snapopt.quality.VALIDATION_PROMPTS; validation: always those")
     pool: int = Field(64, ge=1, description="latents precomputed for the teacher/zoo sources")
     teacher_steps: int = Field(20, ge=1, description="DDIM steps the teacher samples the pool with")
     teacher_cfg: float = Field(7.5, ge=1)
