@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 ZOO_KEYS = ("steps", "n_prompts", "seed", "fid", "clip_score", "attribute_accuracy", "shape_accuracy",
@@ -37,6 +38,8 @@ def summarise(folder: Path) -> dict:
         "teacher_distance_before": stats.get("teacher_distance_before"),
         "teacher_distance_after": stats.get("teacher_distance_after"),
     }
+    if spec.get("job") == "decoder_distill":
+        row.update({k: stats.get(k) for k in ("psnr_before_db", "psnr_after_db")})
     if spec.get("job") == "step_distill":
         row.update({k: stats.get(k) for k in ("teacher_steps", "student_steps", "distance_zoo_prompts_before",
                                                "distance_zoo_prompts_after", "distance_zoo_prompts_halved_before",
@@ -45,6 +48,13 @@ def summarise(folder: Path) -> dict:
     for key in ("zoo_teacher", "zoo_before", "zoo_after", "zoo_teacher_n", "zoo_teacher_half", "zoo_student_half"):
         if key in stats:
             row[key] = {k: stats[key][k] for k in ZOO_KEYS if k in stats[key]}
+    if "claim" in stats:  # decoder jobs with claim_prompts: the pipeline with the distilled and with the teacher's decoder
+        c = stats["claim"]
+        row["claim"] = {"rows": {name: {k: r[k] for k in ZOO_KEYS if k in r} for name, r in c["rows"].items()},
+                        "checks": c["checks"], "met": c["met"]}
+        rows = row["claim"]["rows"]
+        row["zoo_teacher"] = rows[max((k for k in rows if re.fullmatch(r"teacher_\d+", k)), key=lambda k: int(k.split("_")[1]))]
+        row["zoo_after"] = rows[next(k for k in rows if re.fullmatch(r"student_\d+", k))]
     return row
 
 

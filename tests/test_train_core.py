@@ -236,6 +236,44 @@ def test_decoder_distillation_improves_psnr(tiny_pipe):
     assert stats["psnr_after_db"] > stats["psnr_before_db"] + 1.0
 
 
+def test_decoder_job_scores_the_claim_with_both_decoders(monkeypatch, tiny_pipe, tmp_path):
+    """claim_prompts: after training, the pipeline is scored with its distilled decoder and with the teacher's (the same
+    UNet), beside the teacher at 50 and 8 steps; bench/train_jobs_summary.py reads those rows back."""
+    import importlib.util
+    import json
+
+    from snapopt.train import DecoderJob, evaluation, run_decoder
+
+    student = tiny_pipe.clone(["vae_decoder"])
+    with torch.no_grad():
+        next(student.vae.decoder.parameters()).add_(0.05)
+    seen = []
+
+    def fake(pipe, n, steps, cfg, seed, grid=None):
+        own = pipe.vae is student.vae
+        seen.append((pipe.unet is student.unet, own, steps, n, grid.name if grid else None))
+        return {"steps": steps, "n_prompts": n, "fid": 15.0 + own, "clip_score": 96.0, "attribute_accuracy": 0.9}
+
+    monkeypatch.setattr(evaluation, "zoo_metrics", fake)
+    job = DecoderJob(train=_train(steps=2, batch=2), loss=dict(val_latents=2), claim_prompts=3)
+    stats, _ = run_decoder(tiny_pipe, student, job, tmp_path)
+    rows = stats["claim"]["rows"]
+    assert set(rows) == {"teacher_50", "teacher_8", "student_8", "student_8_teacher_decoder"}
+    assert (True, True, 8, 3, "student_8.png") in seen and (True, False, 8, 3, "student_8_teacher_decoder.png") in seen
+    assert rows["student_8"]["fid"] == 16.0 and not stats["claim"]["checks"]["fid"]  # the check uses the decoder it ships
+    n = len(seen)
+    plain, _ = run_decoder(tiny_pipe, tiny_pipe.clone(["vae_decoder"]), DecoderJob(train=_train(steps=1, batch=2), loss=dict(val_latents=2)), None)
+    assert "claim" not in plain and len(seen) == n  # off by default: no evaluation
+
+    spec = importlib.util.spec_from_file_location("summary", Path(__file__).resolve().parents[1] / "bench" / "train_jobs_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    (tmp_path / "result.json").write_text(json.dumps({"spec": {"job": "decoder_distill", "options": {}}, "stats": stats}))
+    row = summary.summarise(tmp_path)
+    assert row["zoo_teacher"]["steps"] == 50 and row["zoo_after"]["fid"] == 16.0 and row["claim"]["met"] is False
+    assert row["psnr_after_db"] == stats["psnr_after_db"]
+
+
 def test_bad_options_are_one_line_errors(tiny_pipe):
     from pydantic import ValidationError
 

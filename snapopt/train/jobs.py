@@ -37,6 +37,9 @@ class DecoderJob(PassOptions):
     component: Literal["vae_decoder"] = "vae_decoder"
     train: TrainOptions = TrainOptions()
     loss: DecoderLoss = DecoderLoss()
+    claim_prompts: int = Field(0, ge=0, description="after training, score the pipeline with the distilled decoder and with the "
+                                                    "teacher's on this many held-out zoo prompts (issue 11's claim; 64 is its size)")
+    claim_steps: int = Field(8, ge=1, description="the pipeline's steps in that claim; the teacher runs 50")
 
 
 class StepDistillJob(PassOptions):
@@ -166,7 +169,13 @@ def run_decoder(teacher, program, o: DecoderJob, out_dir: Path | None, *, resume
         result = Trainer(obj, o.train, out_dir, info=info, device=device, title="decoder_distill").run(resume=resume)
         student.eval()
         after = obj.psnr_vs_teacher()
-    stats = {"psnr_before_db": round(before, 3), "psnr_after_db": round(after, 3)}
+        stats: dict[str, Any] = {"psnr_before_db": round(before, 3), "psnr_after_db": round(after, 3)}
+        if o.claim_prompts:  # PSNR on latents alone did not rank decoders by what they cost the pipeline's samples
+            from snapopt.train.evaluation import claim
+
+            program.unet.eval()
+            stats["claim"] = claim(program, teacher, student_steps=o.claim_steps, n_prompts=o.claim_prompts, seed=o.train.seed,
+                                   grid_dir=out_dir / "claim" if out_dir else None)
     stats.update(_train_stats(result))
     return stats, result
 
