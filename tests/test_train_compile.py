@@ -110,3 +110,28 @@ def test_attention_backend_switches_sdpa_kernels_and_resets():
     finally:
         reset_attention_backends()
     assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled() and cuda.cudnn_sdp_enabled()
+
+
+def test_deterministic_turns_off_autotuning_and_on_deterministic_kernels(monkeypatch):
+    """deterministic: deterministic kernels (warning where an op has none), no cuDNN autotuning, cuBLAS's workspace
+    fixed; contradicting cudnn_benchmark: true is refused. The switches are process-wide: restored after the test."""
+    import pydantic
+    import pytest
+
+    from snapopt.train import TrainOptions
+    from snapopt.train.accel import configure_backends
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        torch.backends.cudnn.benchmark = True
+        configure_backends(TrainOptions(deterministic=True), torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
+    with pytest.raises(pydantic.ValidationError, match="cudnn_benchmark"):
+        TrainOptions(deterministic=True, cudnn_benchmark=True)

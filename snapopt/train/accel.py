@@ -9,6 +9,7 @@ here is one such fix, selected by :class:`~snapopt.train.options.TrainOptions`; 
 from __future__ import annotations
 
 import copy
+import os
 import weakref
 from typing import Any
 
@@ -33,8 +34,16 @@ _SDPA_FLAGS = {"flash": "flash", "cudnn": "cudnn", "efficient": "mem_efficient"}
 
 def configure_backends(o: TrainOptions, device: torch.device) -> None:
     """cuDNN autotuning: at the zoo's small channel counts its default algorithms cost 15% of a step. The
-    attention kernel (``attention_backend``): process-wide switches, as cudnn.benchmark is."""
-    if device.type == "cuda" and (o.cudnn_benchmark if o.cudnn_benchmark is not None else True):
+    attention kernel (``attention_backend``): process-wide switches, as cudnn.benchmark is. ``deterministic``:
+    two GPU runs of one seed chose different blocks in block_prune (eighth day), since robust training's
+    kernels are not bit-reproducible and autotuning picks kernels by timing."""
+    if o.deterministic:
+        # read when cuBLAS makes its handle: set before the first matmul on the device, else a warning names it
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda" and (o.cudnn_benchmark if o.cudnn_benchmark is not None else True):
         torch.backends.cudnn.benchmark = True
     if o.attention_backend != "auto":
         for name, flag in _SDPA_FLAGS.items():

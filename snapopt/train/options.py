@@ -84,7 +84,11 @@ class TrainOptions(_Opts):
         "auto", description="auto: a bf16 copy of the teacher when training under bf16 autocast (the cast autocast "
                             "would make every forward, made once); the pipeline's own teacher is never changed")
     channels_last: bool = Field(False, description="channels-last memory format for student and teacher (convolution-heavy UNets)")
-    cudnn_benchmark: bool | None = Field(None, description="let cuDNN time its convolution algorithms; default: on CUDA")
+    cudnn_benchmark: bool | None = Field(None, description="let cuDNN time its convolution algorithms; default: on CUDA unless deterministic")
+    deterministic: bool = Field(False, description="the same run twice gives the same weights on CUDA too: deterministic kernels "
+                                                   "(torch.use_deterministic_algorithms; an op without one warns), cuDNN autotuning "
+                                                   "off (it picks kernels by timing). Process-wide, it stays on for the rest of the "
+                                                   "run. Slower; CPU runs are reproducible without it")
     cuda_graphs: bool | None = Field(None, description="capture the whole training step (forward, backward, optimizer) as one "
                                                        "CUDA graph and replay it: no per-kernel host launches, no compilation; "
                                                        "needs static shapes (recover, decoder_distill, step_distill, reparametrise); "
@@ -102,6 +106,8 @@ class TrainOptions(_Opts):
     def _check(self):
         if self.optim.warmup_steps > self.steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds steps ({self.steps})")
+        if self.deterministic and self.cudnn_benchmark:
+            raise ValueError("deterministic: true needs cudnn_benchmark off (cuDNN's autotuning picks kernels by timing)")
         return self
 
 

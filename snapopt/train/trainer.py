@@ -71,7 +71,7 @@ def autocast_for(device: torch.device, mode: str, cache: bool = True):
 
 #: options a resumed run may change: how fast or how often, not what is trained
 _NOT_THE_JOB = {"progress", "steps", "checkpoint_every", "compile", "fused_optimizer", "cudnn_benchmark", "channels_last", "parallel",
-                "cuda_graphs", "attention_backend"}
+                "cuda_graphs", "attention_backend", "deterministic"}
 
 #: logged values stay on the device for at most this many steps (one host sync per flush, not per step)
 _FLUSH_EVERY = 50
