@@ -100,9 +100,14 @@ class DecoderDistill(_TrainingPass):
         return run_decoder(teacher, program, self.options, out, resume=resume)[0]
 
     def report_rows(self, stats):
-        return "Decoder data distillation", [
-            ("PSNR vs teacher decoder before (dB)", stats["psnr_before_db"]), ("PSNR after (dB)", stats["psnr_after_db"]),
-            ("steps", stats["steps"]), ("images/s", stats["images_per_second"])]
+        rows = [("PSNR vs teacher decoder before (dB)", stats["psnr_before_db"]), ("PSNR after (dB)", stats["psnr_after_db"]),
+                ("steps", stats["steps"]), ("images/s", stats["images_per_second"])]
+        for name, r in stats.get("claim", {}).get("rows", {}).items():  # claim_prompts: the pipeline with either decoder
+            who, steps, *swapped = name.split("_", 2)
+            who = "this pipeline" if who == "student" else "teacher"
+            rows.append((f"{who}{' with the teacher decoder' if swapped else ''}, {steps} steps: FID / CLIP / attributes",
+                         f"{r['fid']:.2f} / {r['clip_score']:.2f} / {100 * r['attribute_accuracy']:.1f}%"))
+        return "Decoder data distillation", rows
 
 
 class StepDistill(_TrainingPass):

@@ -160,3 +160,33 @@ def test_teacher_pool_draws_the_models_own_captions(tiny_pipe):
     assert LatentSource(tiny_pipe, DataOptions(**opts), seed=3, device=cpu).prompts == list(VALIDATION_PROMPTS)
     with pytest.raises(ValueError, match="prompt_set"):
         DataOptions(prompt_set="zoo")
+
+
+def test_student_pool_is_sampled_by_the_models_own_unet(tiny_pipe):
+    """data.source 'student': the decoder learns latents the model being optimised samples (its UNet, its scheduler,
+    data.teacher_steps and teacher_cfg), not the teacher's; other stages, which have no such model, are refused."""
+    from snapopt.train.data import LatentSource
+    from snapopt.train.decoder import DecoderObjective
+    from snapopt.train.jobs import RecoverJob, StepDistillJob
+    from snapopt.train.options import DataOptions, DecoderLoss, TrainOptions
+    from snapopt.train.sampling import sample_latents
+
+    cpu = torch.device("cpu")
+    program = tiny_pipe.clone(["unet", "vae_decoder"])
+    with torch.no_grad():
+        for p in program.unet.parameters():
+            p.mul_(0.9)
+    data = {"source": "student", "pool": 4, "teacher_steps": 2, "teacher_cfg": 3.0}
+    obj = DecoderObjective(tiny_pipe, program.component("vae_decoder"), TrainOptions(steps=1, batch=2, data=data), DecoderLoss(val_latents=2),
+                           device=cpu, sampler=program)
+    src = obj.data
+    own = sample_latents(program, src.cond_bank[src.pool_prompt], src.uncond, steps=2, cfg=3.0, shape=src.shape, seed=0, device=cpu)
+    teachers = sample_latents(tiny_pipe, src.cond_bank[src.pool_prompt], src.uncond, steps=2, cfg=3.0, shape=src.shape, seed=0, device=cpu)
+    torch.testing.assert_close(src.pool_x0, own)
+    assert not torch.allclose(src.pool_x0, teachers)
+    with pytest.raises(UsageError, match="data.source 'student'"):
+        LatentSource(tiny_pipe, DataOptions(**data), seed=0, device=cpu)
+    with pytest.raises(ValueError, match="data.source 'student' is for decoder_distill"):  # refused before any pass runs
+        RecoverJob(train={"steps": 1, "batch": 2, "data": data})
+    with pytest.raises(ValueError, match="data.source 'student' is for decoder_distill"):
+        StepDistillJob(reparametrise={"steps": 1, "data": data})

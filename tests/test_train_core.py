@@ -261,6 +261,11 @@ def test_decoder_job_scores_the_claim_with_both_decoders(monkeypatch, tiny_pipe,
     assert set(rows) == {"teacher_50", "teacher_8", "student_8", "student_8_teacher_decoder"}
     assert (True, True, 8, 3, "student_8.png") in seen and (True, False, 8, 3, "student_8_teacher_decoder.png") in seen
     assert rows["student_8"]["fid"] == 16.0 and not stats["claim"]["checks"]["fid"]  # the check uses the decoder it ships
+    from snapopt.passes.recover import DecoderDistill
+
+    report = dict(DecoderDistill({}).report_rows({**stats, "steps": 2, "images_per_second": 1.0})[1])
+    assert report["this pipeline, 8 steps: FID / CLIP / attributes"] == "16.00 / 96.00 / 90.0%"
+    assert report["this pipeline with the teacher decoder, 8 steps: FID / CLIP / attributes"] == "15.00 / 96.00 / 90.0%"
     n = len(seen)
     plain, _ = run_decoder(tiny_pipe, tiny_pipe.clone(["vae_decoder"]), DecoderJob(train=_train(steps=1, batch=2), loss=dict(val_latents=2)), None)
     assert "claim" not in plain and len(seen) == n  # off by default: no evaluation

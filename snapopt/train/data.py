@@ -54,7 +54,11 @@ def embed(pipe, prompts: list[str], device: torch.device, seed: int = 0) -> torc
 class LatentSource:
     """x_0 latents and prompt embeddings for a teacher pipeline; see :class:`DataOptions` for the sources."""
 
-    def __init__(self, teacher, o: DataOptions, *, seed: int, device: torch.device, num_train: int = 1000, latent: int | None = None):
+    def __init__(self, teacher, o: DataOptions, *, seed: int, device: torch.device, num_train: int = 1000, latent: int | None = None,
+                 sampler=None):
+        """``sampler``: the pipeline whose UNet samples the ``student`` source's pool (the model being optimised)."""
+        if o.source == "student" and sampler is None:
+            raise UsageError("data.source 'student' samples with the model's own UNet: only decoder_distill has one to offer")
         self.o, self.seed, self.device, self.num_train = o, seed, device, num_train
         unet = teacher.unet
         self.shape = (unet.config.in_channels, latent or teacher.latent_size, latent or teacher.latent_size)
@@ -67,7 +71,7 @@ class LatentSource:
             from snapopt.quality import domain_prompts
 
             # a teacher pool drawn for prompts the model never learnt is not what its pipeline decodes at deployment
-            prompts = domain_prompts(teacher, o.pool if o.source == "teacher" else 64, seed) or []
+            prompts = domain_prompts(teacher, o.pool if o.source in ("teacher", "student") else 64, seed) or []
         if not prompts:
             from snapopt.quality import VALIDATION_PROMPTS
 
@@ -75,13 +79,14 @@ class LatentSource:
         self.prompts = prompts
         self.cond_bank = embed(teacher, prompts, device, seed)
         self.uncond = embed(teacher, [""], device, seed + 1)[0]
-        if o.source == "teacher":
+        if o.source in ("teacher", "student"):
             from snapopt.train.sampling import sample_latents
 
             n = o.pool
             idx = torch.arange(n) % len(prompts)
-            self.pool_x0 = sample_latents(teacher, self.cond_bank[idx], self.uncond, steps=o.teacher_steps, cfg=o.teacher_cfg,
-                                          shape=self.shape, seed=seed, device=device)
+            # the student source: the model's own UNet and scheduler, prompts embedded by the teacher's text encoder
+            self.pool_x0 = sample_latents(teacher if o.source == "teacher" else sampler, self.cond_bank[idx], self.uncond,
+                                          steps=o.teacher_steps, cfg=o.teacher_cfg, shape=self.shape, seed=seed, device=device)
             self.pool_prompt = idx
         elif o.source == "zoo":
             self.pool_prompt = torch.arange(len(prompts))

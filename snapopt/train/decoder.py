@@ -1,6 +1,6 @@
 """Decoder data distillation (SnapFusion Sec. 3.3): a pruned VAE decoder learns to reproduce the teacher
 decoder's images from latents. No images are needed: latents come from the data source (random, teacher
-samples, or encoded zoo scenes), the teacher decoder supplies the targets.
+samples, encoded zoo scenes, or samples of the model's own UNet), the teacher decoder supplies the targets.
 
 With a pooled source (zoo, teacher) the teacher decodes each pool latent once and its image is cached: on a
 CPU the teacher's forward would otherwise cost about as much as the student's forward and backward.
@@ -47,12 +47,12 @@ class DecoderObjective:
     skips_blocks = False
 
     def __init__(self, teacher, student_decoder: nn.Module, train: TrainOptions, loss: DecoderLoss = DecoderLoss(), *,
-                 device: torch.device, data: LatentSource | None = None):
+                 device: torch.device, data: LatentSource | None = None, sampler=None):
         self.teacher_decoder = teacher.component("vae_decoder")
         self.student = student_decoder
         self.train_o, self.lo = train, loss
         self.scale = float(teacher.vae.config.scaling_factor)
-        self.data = data or LatentSource(teacher, train.data, seed=train.seed, device=device)
+        self.data = data or LatentSource(teacher, train.data, seed=train.seed, device=device, sampler=sampler)
         val = self.data.batch(-1, loss.val_latents)  # step -1: never drawn in training
         self.val_z = val.x0 / self.scale
         self._val_ref: torch.Tensor | None = None

@@ -23,6 +23,12 @@ from snapopt.train.options import DecoderLoss, RecoverLoss, RobustOptions, StepD
 from snapopt.train.trainer import Trainer, TrainResult
 
 
+def _no_student_source(*trains: TrainOptions | None) -> None:
+    """The student source samples with the model's own UNet, which a UNet stage is training: refused before any pass runs."""
+    if any(t is not None and t.data.source == "student" for t in trains):
+        raise ValueError("train.data.source 'student' is for decoder_distill (the model's UNet samples the decoder's latents)")
+
+
 class RecoverJob(PassOptions):
     component: Literal["unet"] = "unet"
     train: TrainOptions = TrainOptions()
@@ -31,6 +37,11 @@ class RecoverJob(PassOptions):
     eval_timesteps: list[int] = Field(default_factory=lambda: [999, 750, 500, 250, 50], min_length=1)
     zoo_eval_prompts: int = Field(0, ge=0, description="also score FID / CLIP / attributes on this many held-out zoo prompts")
     zoo_eval_steps: int = Field(25, ge=1)
+
+    @model_validator(mode="after")
+    def _data(self):
+        _no_student_source(self.train)
+        return self
 
 
 class DecoderJob(PassOptions):
@@ -60,6 +71,7 @@ class StepDistillJob(PassOptions):
     @model_validator(mode="after")
     def _stages(self):
         td = self.teacher_distill
+        _no_student_source(self.train, self.reparametrise, td.train if td else None, td.reparametrise if td else None)
         if td is not None and td.loss.teacher_steps != 2 * self.loss.teacher_steps:
             raise ValueError(f"teacher_distill.loss.teacher_steps must be 2 x loss.teacher_steps ({2 * self.loss.teacher_steps}) so the "
                              f"distilled teacher runs the {self.loss.teacher_steps} steps this job distils from; got {td.loss.teacher_steps}")
@@ -164,7 +176,8 @@ def run_decoder(teacher, program, o: DecoderJob, out_dir: Path | None, *, resume
     info, device = _setup(o.train)
     with on_device([teacher, program], device):
         student = program.component("vae_decoder")
-        obj = DecoderObjective(teacher, student, o.train, o.loss, device=device)
+        program.unet.eval()  # samples the pool of data.source 'student'
+        obj = DecoderObjective(teacher, student, o.train, o.loss, device=device, sampler=program)
         before = obj.psnr_vs_teacher()
         result = Trainer(obj, o.train, out_dir, info=info, device=device, title="decoder_distill").run(resume=resume)
         student.eval()
@@ -173,7 +186,6 @@ def run_decoder(teacher, program, o: DecoderJob, out_dir: Path | None, *, resume
         if o.claim_prompts:  # PSNR on latents alone did not rank decoders by what they cost the pipeline's samples
             from snapopt.train.evaluation import claim
 
-            program.unet.eval()
             stats["claim"] = claim(program, teacher, student_steps=o.claim_steps, n_prompts=o.claim_prompts, seed=o.train.seed,
                                    grid_dir=out_dir / "claim" if out_dir else None)
     stats.update(_train_stats(result))

@@ -32,17 +32,19 @@ class DataOptions(_Opts):
     * ``random``: x_0 ~ N(0, 1) latents with embeddings of the prompts (what a UNet sees at high t anyway)
     * ``teacher``: a pool of x_0 sampled by the teacher (DDIM, CFG) from the prompts
     * ``zoo``: the zoo's procedural snapshapes scenes, rendered and encoded with the teacher's VAE
+    * ``student``: a pool of x_0 sampled by the model being optimised (its UNet as it enters the pass), decoder
+      distillation only: placed after step distillation, the decoder learns the very latents the shipped pipeline decodes
     """
 
-    source: Literal["random", "teacher", "zoo"] = "random"
+    source: Literal["random", "teacher", "zoo", "student"] = "random"
     prompts: list[str] = Field(default_factory=list, description="prompts (default: see prompt_set; the zoo source uses its scenes' captions)")
     prompt_set: Literal["auto", "validation"] = Field(
         "auto", description="prompts of the teacher and random sources when `prompts` is empty. auto: captions of the model's own "
                             "training distribution where known (zoo:snapshapes: its training split), else "
                             "snapopt.quality.VALIDATION_PROMPTS; validation: always those")
     pool: int = Field(64, ge=1, description="latents precomputed for the teacher/zoo sources")
-    teacher_steps: int = Field(20, ge=1, description="DDIM steps the teacher samples the pool with")
-    teacher_cfg: float = Field(7.5, ge=1)
+    teacher_steps: int = Field(20, ge=1, description="DDIM steps the pool is sampled with (teacher and student sources)")
+    teacher_cfg: float = Field(7.5, ge=1, description="guidance scale the pool is sampled with (teacher and student sources)")
     cond_dropout: float = Field(0.0, ge=0, le=1, description="replace the prompt by the empty prompt (keeps CFG working)")
     fixed_batch: bool = Field(False, description="the same batch every step (debugging, overfit tests)")
 
