@@ -103,7 +103,8 @@ def spread(rows: list[dict]) -> dict:
 
 def plot(rows: list[dict], path: Path) -> None:
     """FID against CLIP for every run, attributes as colour, the teacher's bar as lines: the claim's corner is
-    the top left (FID at most the teacher's, CLIP at least)."""
+    the top left (FID at most the teacher's, CLIP at least). Runs scored with the teacher's decoder too get a hollow
+    point there, joined to the run's: the distance is what the distilled decoder costs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,6 +117,13 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         ax.annotate(f"{r['run']} ({r['card']})", (r["student"]["fid"], r["student"]["clip_score"]), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
+    swapped = [r for r in rows if "student_teacher_decoder" in r]  # the decoder's share: same UNet, the teacher's decoder
+    for i, r in enumerate(swapped):
+        a, b = r["student"], r["student_teacher_decoder"]
+        ax.annotate("", (b["fid"], b["clip_score"]), (a["fid"], a["clip_score"]),
+                    arrowprops={"arrowstyle": "<-", "color": "0.5", "lw": 0.8})
+        ax.scatter([b["fid"]], [b["clip_score"]], s=60, facecolors="none", edgecolors="0.3",
+                   label="same UNet, the teacher's decoder" if i == 0 else None)
     ax.axvline(teacher["fid"], color="tab:red", ls="--", lw=1)
     ax.axhline(teacher["clip_score"], color="tab:red", ls="--", lw=1)
     ax.scatter([teacher["fid"]], [teacher["clip_score"]], marker="*", s=200, color="tab:red",
