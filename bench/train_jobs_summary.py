@@ -79,6 +79,14 @@ def main() -> None:
         print(f"{name:44s} {r['seed']:>4} {t.get('fid', float('nan')):8.2f} / {t.get('clip_score', float('nan')):6.2f} "
               f"{a.get('fid', float('nan')):8.2f} / {a.get('clip_score', float('nan')):6.2f} / {a.get('attribute_accuracy', float('nan')):.3f} "
               f"{r['images_per_second'] or float('nan'):7.0f}")
+    for name, r in runs.items():  # decoder jobs with claim_prompts: the same UNet with the teacher's decoder, and the checks
+        if "claim" in r:
+            c = r["claim"]
+            swapped = next((v for k, v in c["rows"].items() if k.endswith("_teacher_decoder")), None)
+            flags = " ".join(f"{k} {'yes' if v else 'no'}" for k, v in c["checks"].items())
+            extra = (f"teacher's decoder {swapped['fid']:.2f} / {swapped['clip_score']:.2f} / {swapped['attribute_accuracy']:.3f}; "
+                     if swapped else "")
+            print(f"  {name}: PSNR {r.get('psnr_after_db')} dB; {extra}claim: {flags}")
     print(f"wrote {args.out}")
 
 

@@ -125,6 +125,10 @@ def test_decoder_objective_caches_teacher_images(tiny_pipe):
     train = TrainOptions(steps=4, batch=3, data={"source": "teacher", "pool": 4, "teacher_steps": 2})
     obj = DecoderObjective(tiny_pipe, student, train, DecoderLoss(val_latents=2), device=torch.device("cpu"))
     assert sorted(obj._cache) == [0, 1, 2, 3]  # the whole (small) pool decoded up front, in fixed-size batches
+    # PSNR's latents are held out: a second pool of the same kind (seed + 1), none of them a training row
+    pool_z = obj.data.pool_x0 / obj.scale
+    assert obj.val_z.shape == (2, *pool_z.shape[1:])
+    assert all(not torch.allclose(v, p) for v in obj.val_z for p in pool_z)
     calls = []
     real = obj.teacher_decoder
     obj.teacher_decoder = lambda z: calls.append(len(z)) or real(z)

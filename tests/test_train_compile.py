@@ -123,13 +123,16 @@ def test_deterministic_turns_off_autotuning_and_on_deterministic_kernels(monkeyp
 
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # records the variable's state, restored after the test
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     try:
         torch.backends.cudnn.benchmark = True
         configure_backends(TrainOptions(deterministic=True), torch.device("cpu"))
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
         assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
         assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        configure_backends(TrainOptions(cudnn_benchmark=True), torch.device("cuda"))  # a later stage: autotuning stays off
+        assert not torch.backends.cudnn.benchmark
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]

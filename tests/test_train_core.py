@@ -242,9 +242,15 @@ def test_decoder_job_scores_the_claim_with_both_decoders(monkeypatch, tiny_pipe,
     import importlib.util
     import json
 
+    from snapopt.errors import UsageError
     from snapopt.train import DecoderJob, evaluation, run_decoder
 
-    student = tiny_pipe.clone(["vae_decoder"])
+    job = DecoderJob(train=_train(steps=2, batch=2), loss=dict(val_latents=2), claim_prompts=3)
+    with pytest.raises(UsageError, match="claim_prompts"):  # not a zoo model: refused before training
+        run_decoder(tiny_pipe, tiny_pipe.clone(["vae_decoder"]), job, None)
+    teacher = tiny_pipe.clone([])
+    teacher.extra["origin"] = "zoo:snapshapes"  # scored as the zoo model's descendant
+    student = teacher.clone(["vae_decoder"])
     with torch.no_grad():
         next(student.vae.decoder.parameters()).add_(0.05)
     seen = []
@@ -255,8 +261,7 @@ def test_decoder_job_scores_the_claim_with_both_decoders(monkeypatch, tiny_pipe,
         return {"steps": steps, "n_prompts": n, "fid": 15.0 + own, "clip_score": 96.0, "attribute_accuracy": 0.9}
 
     monkeypatch.setattr(evaluation, "zoo_metrics", fake)
-    job = DecoderJob(train=_train(steps=2, batch=2), loss=dict(val_latents=2), claim_prompts=3)
-    stats, _ = run_decoder(tiny_pipe, student, job, tmp_path)
+    stats, _ = run_decoder(teacher, student, job, tmp_path)
     rows = stats["claim"]["rows"]
     assert set(rows) == {"teacher_50", "teacher_8", "student_8", "student_8_teacher_decoder"}
     assert (True, True, 8, 3, "student_8.png") in seen and (True, False, 8, 3, "student_8_teacher_decoder.png") in seen
@@ -267,7 +272,7 @@ def test_decoder_job_scores_the_claim_with_both_decoders(monkeypatch, tiny_pipe,
     assert report["this pipeline, 8 steps: FID / CLIP / attributes"] == "16.00 / 96.00 / 90.0%"
     assert report["this pipeline with the teacher decoder, 8 steps: FID / CLIP / attributes"] == "15.00 / 96.00 / 90.0%"
     n = len(seen)
-    plain, _ = run_decoder(tiny_pipe, tiny_pipe.clone(["vae_decoder"]), DecoderJob(train=_train(steps=1, batch=2), loss=dict(val_latents=2)), None)
+    plain, _ = run_decoder(teacher, teacher.clone(["vae_decoder"]), DecoderJob(train=_train(steps=1, batch=2), loss=dict(val_latents=2)), None)
     assert "claim" not in plain and len(seen) == n  # off by default: no evaluation
 
     spec = importlib.util.spec_from_file_location("summary", Path(__file__).resolve().parents[1] / "bench" / "train_jobs_summary.py")

@@ -38,11 +38,14 @@ def configure_backends(o: TrainOptions, device: torch.device) -> None:
     two GPU runs of one seed chose different blocks in block_prune (eighth day), since robust training's
     kernels are not bit-reproducible and autotuning picks kernels by timing."""
     if o.deterministic:
-        # read when cuBLAS makes its handle: set before the first matmul on the device, else a warning names it
+        # cuBLAS reads this when it makes its handle: effective only if no matmul ran on the device yet, so for a
+        # whole run export CUBLAS_WORKSPACE_CONFIG=:4096:8 before it starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
+    elif torch.are_deterministic_algorithms_enabled():
+        pass  # an earlier stage asked for determinism: a later one does not turn autotuning back on
     elif device.type == "cuda" and (o.cudnn_benchmark if o.cudnn_benchmark is not None else True):
         torch.backends.cudnn.benchmark = True
     if o.attention_backend != "auto":

@@ -173,6 +173,11 @@ def run_decoder(teacher, program, o: DecoderJob, out_dir: Path | None, *, resume
     from snapopt.train.decoder import DecoderObjective
 
     _check_teacher(teacher, program, "vae_decoder")
+    if o.claim_prompts:
+        from snapopt.quality import snapshapes_model
+
+        if not snapshapes_model(teacher):  # before training, not after it
+            raise UsageError("claim_prompts scores on the zoo's held-out prompts: the model must be zoo:snapshapes or descend from it")
     info, device = _setup(o.train)
     with on_device([teacher, program], device):
         student = program.component("vae_decoder")

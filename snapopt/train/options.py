@@ -39,10 +39,10 @@ class DataOptions(_Opts):
     source: Literal["random", "teacher", "zoo", "student"] = "random"
     prompts: list[str] = Field(default_factory=list, description="prompts (default: see prompt_set; the zoo source uses its scenes' captions)")
     prompt_set: Literal["auto", "validation"] = Field(
-        "auto", description="prompts of the teacher and random sources when `prompts` is empty. auto: captions of the model's own "
+        "auto", description="prompts of the teacher, student and random sources when `prompts` is empty. auto: captions of the model's own "
                             "training distribution where known (zoo:snapshapes: its training split), else "
                             "snapopt.quality.VALIDATION_PROMPTS; validation: always those")
-    pool: int = Field(64, ge=1, description="latents precomputed for the teacher/zoo sources")
+    pool: int = Field(64, ge=1, description="latents precomputed for the teacher, student and zoo sources")
     teacher_steps: int = Field(20, ge=1, description="DDIM steps the pool is sampled with (teacher and student sources)")
     teacher_cfg: float = Field(7.5, ge=1, description="guidance scale the pool is sampled with (teacher and student sources)")
     cond_dropout: float = Field(0.0, ge=0, le=1, description="replace the prompt by the empty prompt (keeps CFG working)")
@@ -87,10 +87,11 @@ class TrainOptions(_Opts):
                             "would make every forward, made once); the pipeline's own teacher is never changed")
     channels_last: bool = Field(False, description="channels-last memory format for student and teacher (convolution-heavy UNets)")
     cudnn_benchmark: bool | None = Field(None, description="let cuDNN time its convolution algorithms; default: on CUDA unless deterministic")
-    deterministic: bool = Field(False, description="the same run twice gives the same weights on CUDA too: deterministic kernels "
-                                                   "(torch.use_deterministic_algorithms; an op without one warns), cuDNN autotuning "
-                                                   "off (it picks kernels by timing). Process-wide, it stays on for the rest of the "
-                                                   "run. Slower; CPU runs are reproducible without it")
+    deterministic: bool = Field(False, description="toward the same weights from two CUDA runs: deterministic kernels "
+                                                   "(torch.use_deterministic_algorithms; an op without one only warns), cuDNN "
+                                                   "autotuning off (it picks kernels by timing); export CUBLAS_WORKSPACE_CONFIG=:4096:8 "
+                                                   "before the run for cuBLAS. Process-wide: later stages keep it. Slower; CPU runs "
+                                                   "are reproducible without it")
     cuda_graphs: bool | None = Field(None, description="capture the whole training step (forward, backward, optimizer) as one "
                                                        "CUDA graph and replay it: no per-kernel host launches, no compilation; "
                                                        "needs static shapes (recover, decoder_distill, step_distill, reparametrise); "
