@@ -194,3 +194,23 @@ def test_student_pool_is_sampled_by_the_models_own_unet(tiny_pipe):
         RecoverJob(train={"steps": 1, "batch": 2, "data": data})
     with pytest.raises(ValueError, match="data.source 'student' is for decoder_distill"):
         StepDistillJob(reparametrise={"steps": 1, "data": data})
+
+
+def test_edge_loss_weighs_outlines_not_offsets():
+    """loss.edges: MSE of horizontal and vertical pixel differences. A uniform offset has the same edges (zero edge
+    term, full MSE); a blurred square loses its outline (edge term > 0); the value is the plain definition."""
+    from snapopt.train.decoder import reconstruction_loss
+    from snapopt.train.options import DecoderLoss
+
+    ref = torch.zeros(1, 3, 16, 16)
+    ref[..., 4:12, 4:12] = 1.0
+    lo = DecoderLoss(mse=0.0, edges=1.0)
+    total, parts = reconstruction_loss(lo, ref + 0.3, ref)
+    assert float(total) == pytest.approx(0.0, abs=1e-7) and float(parts["edges"]) == pytest.approx(0.0, abs=1e-7)
+    blurred = torch.nn.functional.avg_pool2d(ref, 3, stride=1, padding=1)
+    total, parts = reconstruction_loss(lo, blurred, ref)
+    dx = lambda a: a[..., 1:] - a[..., :-1]  # noqa: E731
+    dy = lambda a: a[..., 1:, :] - a[..., :-1, :]  # noqa: E731
+    want = ((dx(blurred) - dx(ref)).pow(2).mean() + (dy(blurred) - dy(ref)).pow(2).mean()) / 2
+    assert float(total) == pytest.approx(float(want)) and float(want) > 0.01
+    assert "edges" not in reconstruction_loss(DecoderLoss(), blurred, ref)[1]  # off by default

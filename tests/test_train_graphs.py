@@ -113,7 +113,7 @@ def test_decoder_static_step_equals_ordinary_loop(tiny_pipe):
     from snapopt.train.options import DecoderLoss
 
     dec = tiny_pipe.clone(["vae_decoder"]).component("vae_decoder")
-    _both(lambda o: DecoderObjective(tiny_pipe, dec, o, DecoderLoss(multiscale=1.0, val_latents=2), device=CPU), dec, _opts(steps=3))
+    _both(lambda o: DecoderObjective(tiny_pipe, dec, o, DecoderLoss(multiscale=1.0, edges=0.5, val_latents=2), device=CPU), dec, _opts(steps=3))
 
 
 class _Custom:

@@ -26,8 +26,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def reconstruction_loss(lo, out: torch.Tensor, ref: torch.Tensor):
-    """The decoder's loss (MSE, plus MSE of 2x/4x pooled images when ``lo.multiscale``) and its detached parts;
-    one definition for the eager step and the CUDA-graph step (snapopt.train.graphs)."""
+    """The decoder's loss (MSE, plus MSE of 2x/4x pooled images when ``lo.multiscale``, of pixel differences when
+    ``lo.edges``) and its detached parts; one definition for the eager step and the CUDA-graph step (snapopt.train.graphs)."""
     mse = F.mse_loss(out, ref)
     total = lo.mse * mse
     parts = {"mse": mse}
@@ -35,7 +35,19 @@ def reconstruction_loss(lo, out: torch.Tensor, ref: torch.Tensor):
         ms = sum(F.mse_loss(F.avg_pool2d(out, k), F.avg_pool2d(ref, k)) for k in (2, 4)) / 2
         total = total + lo.multiscale * ms
         parts["multiscale"] = ms
+    if lo.edges > 0:
+        edges = (F.mse_loss(_dx(out), _dx(ref)) + F.mse_loss(_dy(out), _dy(ref))) / 2
+        total = total + lo.edges * edges
+        parts["edges"] = edges
     return total, {k: v.detach() for k, v in parts.items()}
+
+
+def _dx(img: torch.Tensor) -> torch.Tensor:
+    return img[..., :, 1:] - img[..., :, :-1]
+
+
+def _dy(img: torch.Tensor) -> torch.Tensor:
+    return img[..., 1:, :] - img[..., :-1, :]
 
 
 #: the largest pool of teacher images (fp32 bytes) decoded up front; a larger one is decoded as batches draw it

@@ -213,4 +213,6 @@ class StepDistillStage(_Opts):
 class DecoderLoss(_Opts):
     mse: float = Field(1.0, ge=0)
     multiscale: float = Field(0.0, ge=0, description="MSE of 2x and 4x average-pooled images (a cheap perceptual-ish term)")
+    edges: float = Field(0.0, ge=0, description="MSE of the images' horizontal and vertical pixel differences: weights the "
+                                                "outlines and thin shapes a per-pixel MSE averages away")
     val_latents: int = Field(8, ge=1, description="held-out latents for PSNR before/after")
