@@ -25,7 +25,7 @@ METRICS = {"fid": "FID", "clip_score": "CLIP", "attribute_accuracy": "attributes
 
 def runs(results: Path = RESULTS) -> list[dict]:
     """One row per chain run with a claim evaluation (student at 8 steps vs the teacher at 50, 64 prompts)."""
-    from snapopt.train.evaluation import claim_checks
+    from snapopt.train.evaluation import claim_checks, claim_row_names
 
     rows = []
     for path in sorted(results.glob("snapfusion_chain_*_eval.json")):
@@ -33,12 +33,11 @@ def runs(results: Path = RESULTS) -> list[dict]:
         data = json.loads(path.read_text())
         if not m or not isinstance(data.get("rows"), dict):
             continue  # e.g. the CPU guidance sweep: another shape of file
-        students = [k for k in data["rows"] if re.fullmatch(r"student_\d+", k)]  # not student_8_teacher_decoder
-        teachers = sorted((k for k in data["rows"] if k.startswith("teacher_")), key=lambda k: -int(k.split("_")[1]))
-        if len(students) != 1 or not teachers:
+        names = claim_row_names(data["rows"])
+        if names is None:
             continue
-        student, teacher = data["rows"][students[0]], data["rows"][teachers[0]]
-        swapped = data["rows"].get(f"{students[0]}_teacher_decoder")
+        student, teacher = data["rows"][names[0]], data["rows"][names[1]]
+        swapped = data["rows"][names[2]] if names[2] else None
         chain_path = path.with_name(path.name.replace("_eval.json", ".json"))
         chain = json.loads(chain_path.read_text()) if chain_path.is_file() else {}
         checks = claim_checks(student, teacher)

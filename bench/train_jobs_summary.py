@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 ZOO_KEYS = ("steps", "n_prompts", "seed", "fid", "clip_score", "attribute_accuracy", "shape_accuracy",
@@ -22,6 +21,8 @@ ZOO_KEYS = ("steps", "n_prompts", "seed", "fid", "clip_score", "attribute_accura
 
 
 def summarise(folder: Path) -> dict:
+    from snapopt.train.evaluation import claim_row_names
+
     result = json.loads((folder / "result.json").read_text())
     spec, stats = result["spec"], result.get("stats", {})
     opts = spec.get("options", {})
@@ -53,12 +54,14 @@ def summarise(folder: Path) -> dict:
         row["claim"] = {"rows": {name: {k: r[k] for k in ZOO_KEYS if k in r} for name, r in c["rows"].items()},
                         "checks": c["checks"], "met": c["met"]}
         rows = row["claim"]["rows"]
-        row["zoo_teacher"] = rows[max((k for k in rows if re.fullmatch(r"teacher_\d+", k)), key=lambda k: int(k.split("_")[1]))]
-        row["zoo_after"] = rows[next(k for k in rows if re.fullmatch(r"student_\d+", k))]
+        student, teacher, _ = claim_row_names(rows)
+        row["zoo_teacher"], row["zoo_after"] = rows[teacher], rows[student]
     return row
 
 
 def main() -> None:
+    from snapopt.train.evaluation import claim_row_names
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+", type=Path, help="job run folders (each with result.json)")
     ap.add_argument("--out", type=Path, required=True)
@@ -82,7 +85,8 @@ def main() -> None:
     for name, r in runs.items():  # decoder jobs with claim_prompts: the same UNet with the teacher's decoder, and the checks
         if "claim" in r:
             c = r["claim"]
-            swapped = next((v for k, v in c["rows"].items() if k.endswith("_teacher_decoder")), None)
+            name_swapped = claim_row_names(c["rows"])[2]
+            swapped = c["rows"][name_swapped] if name_swapped else None
             flags = " ".join(f"{k} {'yes' if v else 'no'}" for k, v in c["checks"].items())
             extra = (f"teacher's decoder {swapped['fid']:.2f} / {swapped['clip_score']:.2f} / {swapped['attribute_accuracy']:.3f}; "
                      if swapped else "")

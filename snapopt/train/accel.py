@@ -44,9 +44,8 @@ def configure_backends(o: TrainOptions, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
-    elif torch.are_deterministic_algorithms_enabled():
-        pass  # an earlier stage asked for determinism: a later one does not turn autotuning back on
-    elif device.type == "cuda" and (o.cudnn_benchmark if o.cudnn_benchmark is not None else True):
+    # after a stage that asked for determinism, a later one does not turn autotuning back on
+    elif device.type == "cuda" and not torch.are_deterministic_algorithms_enabled() and o.cudnn_benchmark is not False:
         torch.backends.cudnn.benchmark = True
     if o.attention_backend != "auto":
         for name, flag in _SDPA_FLAGS.items():

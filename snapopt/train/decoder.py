@@ -2,7 +2,7 @@
 decoder's images from latents. No images are needed: latents come from the data source (random, teacher
 samples, encoded zoo scenes, or samples of the model's own UNet), the teacher decoder supplies the targets.
 
-With a pooled source (zoo, teacher) the teacher decodes each pool latent once and its image is cached: on a
+With a pooled source (zoo, teacher, student) the teacher decodes each pool latent once and its image is cached: on a
 CPU the teacher's forward would otherwise cost about as much as the student's forward and backward.
 """
 

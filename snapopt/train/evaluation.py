@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import torch
@@ -100,6 +101,17 @@ def claim(student, teacher, *, student_steps: int = 8, teacher_steps: int = 50, 
             for k, (p, n) in runs.items()}
     checks = claim_checks(rows[f"student_{student_steps}"], rows[f"teacher_{teacher_steps}"])
     return {"rows": rows, "checks": checks, "met": all(checks.values())}
+
+
+def claim_row_names(rows: dict) -> tuple[str, str, str | None] | None:
+    """The names of a claim's rows (as :func:`claim` writes them): the student's, the many-step teacher's, and the
+    student's under the teacher's decoder (None when absent); None when the rows are not one claim's."""
+    students = [k for k in rows if re.fullmatch(r"student_\d+", k)]
+    teachers = [k for k in rows if re.fullmatch(r"teacher_\d+", k)]
+    if len(students) != 1 or not teachers:
+        return None
+    swapped = f"{students[0]}_teacher_decoder"
+    return students[0], max(teachers, key=lambda k: int(k.split("_")[1])), swapped if swapped in rows else None
 
 
 def _decoder_differs(student, teacher) -> bool:
