@@ -52,7 +52,16 @@ def apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool = False, r
 
     ``resume``: continue the work folder a killed run of the same recipe and model left (or start one), and
     keep it if this run fails or is interrupted. Without it a leftover work folder is an error (``overwrite``
-    discards it), and a failed run removes its work folder."""
+    discards it), and a failed run removes its work folder. ``deterministic: true`` holds for the whole run, from
+    before the model loads (cuBLAS fixes its workspace at its first matmul), and is undone afterwards."""
+    from snapopt.train.accel import deterministic_kernels
+
+    with deterministic_kernels(resolved.recipe.deterministic):
+        return _apply(resolved, out_dir, overwrite=overwrite, resume=resume, progress=progress, argv=argv)
+
+
+def _apply(resolved: ResolvedRecipe, out_dir: Path, *, overwrite: bool, resume: bool,
+           progress: Callable[[str], None] | None, argv: list[str] | None) -> RunResult:
     recipe = resolved.recipe
     report_progress = progress or (lambda msg: None)
 
@@ -282,11 +291,20 @@ def manifest(resolved: ResolvedRecipe, argv: list[str] | None) -> dict[str, Any]
         "command": argv or sys.argv,
         "overrides": list(resolved.sets),  # --set KEY=VALUE, in order: the recipe file plus these
         "seed": resolved.recipe.seed,
+        "deterministic": resolved.recipe.deterministic,
+        "accelerator": accelerator_name(),  # a deterministic run reproduces on the same GPU model and versions
         "model": resolved.recipe.model,
         "inputs_sha256": inputs,
         "versions": {"snapopt": snapopt.__version__, "python": platform.python_version(),
                      **{name: installed_version(name) for name in MANIFEST_PACKAGES}},
     }
+
+
+def accelerator_name() -> str:
+    """The GPU a run trained on ("cpu" without one): kernels, and so a deterministic run's bits, differ by GPU model."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 #: the packages a run's manifest records the version of (a recipe without exports runs without the converters)

@@ -145,3 +145,39 @@ def test_installed_version_prefers_the_imported_module():
 
     assert installed_version("torch") == torch.__version__
     assert installed_version("no-such-distribution-snapopt") is None
+
+
+def test_deterministic_recipe_holds_for_the_whole_run_and_is_undone_after(tmp_path):
+    """deterministic: true is on from the first pass (set before the model loads, cuBLAS's workspace included),
+    recorded in the manifest, and the process's own settings come back after the run, also after a failed one."""
+    probe = tmp_path / "probe.json"
+    (tmp_path / "probe.py").write_text(
+        "import json, os, torch\nfrom snapopt.core import Pass, PassResult\n"
+        "class Probe(Pass):\n    '''Records the kernel settings a pass sees.'''\n    name = 'probe'\n"
+        "    def run(self, program, ctx):\n"
+        f"        open({str(probe)!r}, 'w').write(json.dumps([torch.are_deterministic_algorithms_enabled(),\n"
+        "            torch.backends.cudnn.benchmark, os.environ.get('CUBLAS_WORKSPACE_CONFIG')]))\n"
+        "        return PassResult(program=program, modified=False)\n"
+        "class Boom(Pass):\n    '''Fails.'''\n    name = 'boom'\n"
+        "    def run(self, program, ctx):\n        raise ValueError('no luck')\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodel: arch:tiny\ndeterministic: true\nplugins: [probe.py]\npasses:\n  - pass: probe\n"
+                      "export: {coreml: false, onnx: false}\n")
+    import os
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    assert before[0] is False
+    result = snapopt.apply(recipe, tmp_path / "run")
+    assert json.loads(probe.read_text()) == [True, False, ":4096:8"]
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    assert manifest["deterministic"] is True and manifest["accelerator"] == "cpu"
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG")) == before
+
+    failing = tmp_path / "f.yaml"
+    failing.write_text(recipe.read_text().replace("  - pass: probe\n", "  - pass: probe\n  - pass: boom\n"))
+    probe.unlink()
+    with pytest.raises(Exception, match="no luck"):
+        snapopt.apply(failing, tmp_path / "run2")
+    assert json.loads(probe.read_text())[0] is True  # deterministic up to the failing pass
+    assert (torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")) == before[::2]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import weakref
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -38,12 +39,7 @@ def configure_backends(o: TrainOptions, device: torch.device) -> None:
     two GPU runs of one seed chose different blocks in block_prune (eighth day), since robust training's
     kernels are not bit-reproducible and autotuning picks kernels by timing."""
     if o.deterministic:
-        # cuBLAS reads this when it makes its handle: effective only if no matmul ran on the device yet, so for a
-        # whole run export CUBLAS_WORKSPACE_CONFIG=:4096:8 before it starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        enable_deterministic_kernels()
     # after a stage that asked for determinism, a later one does not turn autotuning back on
     elif device.type == "cuda" and not torch.are_deterministic_algorithms_enabled() and o.cudnn_benchmark is not False:
         torch.backends.cudnn.benchmark = True
@@ -51,6 +47,39 @@ def configure_backends(o: TrainOptions, device: torch.device) -> None:
         for name, flag in _SDPA_FLAGS.items():
             getattr(torch.backends.cuda, f"enable_{flag}_sdp")(name == o.attention_backend)
         torch.backends.cuda.enable_math_sdp(True)  # the fallback for a shape the chosen kernel refuses
+
+
+def enable_deterministic_kernels() -> None:
+    """Deterministic kernels process-wide (an op without one only warns), cuDNN autotuning off, cuBLAS's workspace
+    fixed. Two H100 runs of recipes/snapfusion-train.yaml scored the same to every printed digit this way; without it,
+    the same seed chose different blocks (docs/training.md, "Ninth day")."""
+    # cuBLAS reads this when it makes its handle: effective only if no matmul ran on the device yet, hence the
+    # recipe-level switch (deterministic_kernels, before the model loads) or an export before the process starts
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextmanager
+def deterministic_kernels(enabled: bool = True):
+    """:func:`enable_deterministic_kernels` for a block (a whole ``snapopt apply`` run with ``deterministic: true``),
+    then the process's earlier settings back, so a Python caller's later work is not slowed or changed by it."""
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    enable_deterministic_kernels()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]
 
 
 def reset_attention_backends() -> None:
