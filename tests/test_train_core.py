@@ -173,6 +173,36 @@ def test_resume_is_exact(tiny_pipe, tmp_path):
     assert (tmp_path / "b" / "losses.csv").is_file() and (tmp_path / "b" / "losses.png").is_file()
 
 
+def test_resume_accepts_a_checkpoint_from_before_an_option_existed(tiny_pipe, tmp_path):
+    """A checkpoint written before an option was added (here data.prompt_set) resumes when the option is at its
+    default, what the older version did; set to something else, it is another job and is refused."""
+    import json
+
+    from snapopt.errors import UsageError
+    from snapopt.train import RecoverLoss, Trainer
+    from snapopt.train.recover import RecoverObjective
+
+    def run(o, resume=False, until=None):
+        student = tiny_pipe.clone(["unet"])
+        obj = RecoverObjective(tiny_pipe, student.unet, o, RecoverLoss(), device=CPU)
+        try:
+            return Trainer(obj, o, tmp_path).run(resume=resume, until=until)
+        finally:
+            obj.close()
+
+    o = _train(steps=4, checkpoint_every=2)
+    run(o, until=3)
+    meta_file = sorted((tmp_path / "checkpoints").iterdir())[-1] / "trainer.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["job"]["options"]["data"]["prompt_set"]  # as an older snapopt wrote it
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="different job or options"):
+        run(_train(steps=4, checkpoint_every=2, data=dict(prompt_set="validation")), resume=True)
+    with pytest.raises(UsageError, match="different job or options"):
+        run(_train(steps=4, checkpoint_every=2, seed=1), resume=True)  # an option both know, changed
+    assert run(o, resume=True).resumed_from == 2
+
+
 def test_step_distillation_target_is_two_teacher_ddim_steps(tiny_pipe):
     from diffusers import DDIMScheduler
 
