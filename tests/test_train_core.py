@@ -275,7 +275,7 @@ def test_decoder_job_scores_the_claim_with_both_decoders(monkeypatch, tiny_pipe,
     from snapopt.errors import UsageError
     from snapopt.train import DecoderJob, evaluation, run_decoder
 
-    job = DecoderJob(train=_train(steps=2, batch=2), loss=dict(val_latents=2), claim_prompts=3)
+    job = DecoderJob(train=_train(steps=2, batch=2, seed=1), loss=dict(val_latents=2), claim_prompts=3)
     with pytest.raises(UsageError, match="claim_prompts"):  # not a zoo model: refused before training
         run_decoder(tiny_pipe, tiny_pipe.clone(["vae_decoder"]), job, None)
     teacher = tiny_pipe.clone([])
@@ -288,6 +288,7 @@ def test_decoder_job_scores_the_claim_with_both_decoders(monkeypatch, tiny_pipe,
     def fake(pipe, n, steps, cfg, seed, grid=None):
         own = pipe.vae is student.vae
         seen.append((pipe.unet is student.unet, own, steps, n, grid.name if grid else None))
+        assert seed == 0  # the claim's noise, whatever seed the job trained with
         return {"steps": steps, "n_prompts": n, "fid": 15.0 + own, "clip_score": 96.0, "attribute_accuracy": 0.9}
 
     monkeypatch.setattr(evaluation, "zoo_metrics", fake)
