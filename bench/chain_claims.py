@@ -51,7 +51,21 @@ def runs(results: Path = RESULTS) -> list[dict]:
                      # the same UNet with the teacher's decoder (evaluations since the seventh day): the decoder's share
                      **({"student_teacher_decoder": {k: swapped[k] for k in METRICS},
                          "teacher_decoder_checks": claim_checks(swapped, teacher)} if swapped else {})})
+    mark_repeats(rows)
     return rows
+
+
+def mark_repeats(rows: list[dict]) -> None:
+    """A deterministic run repeated on the same card gives the same scores to the last digit: one sample, not two.
+    Such a row gets ``repeat_of`` (the first run with that training config, card and scores) and the spread skips it."""
+    first: dict = {}
+    for r in rows:
+        key = (r["card"], r.get("training_config_sha256"), json.dumps(r["student"], sort_keys=True),
+               json.dumps(r.get("student_teacher_decoder"), sort_keys=True))
+        if key in first and r.get("training_config_sha256"):
+            r["repeat_of"] = first[key]
+        else:
+            first.setdefault(key, r["run"])
 
 
 #: step distillation's own end-of-stage numbers, as the chain JSON's step_distill row holds them
@@ -87,8 +101,10 @@ def predictors(rows: list[dict]) -> dict:
 
 
 def spread(rows: list[dict]) -> dict:
-    """Mean, standard deviation, min and max of each metric over the runs, and how many runs pass each test."""
-    out = {}
+    """Mean, standard deviation, min and max of each metric over the runs, and how many runs pass each test
+    (a bit-identical repeat counted once)."""
+    rows = [r for r in rows if "repeat_of" not in r]
+    out = {"runs": len(rows)}
     for key in METRICS:
         vals = [r["student"][key] for r in rows]
         out[key] = {"mean": round(statistics.fmean(vals), 4), "sd": round(statistics.stdev(vals), 4) if len(vals) > 1 else None,
@@ -170,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['run']} | {r['card']} | {s['fid']:.2f} | {s['clip_score']:.2f} | {100 * s['attribute_accuracy']:.1f}% | "
               f"{_flags(r['checks'])} | {r['wall_seconds'] or '-'} | {other} |")
     sp = summary["spread"]
-    print(f"{len(rows)} runs; FID {sp['fid']['min']:.2f}-{sp['fid']['max']:.2f} (sd {sp['fid']['sd']}), CLIP "
+    print(f"{len(rows)} runs ({sp['runs']} once repeats are counted once); FID {sp['fid']['min']:.2f}-{sp['fid']['max']:.2f} (sd {sp['fid']['sd']}), CLIP "
           f"{sp['clip_score']['min']:.2f}-{sp['clip_score']['max']:.2f}; passing FID/CLIP/attributes: "
           f"{sp['runs_passing']}; all three: {sp['runs_meeting_all']}; with the teacher's decoder, all three: "
           f"{sp['teacher_decoder']['runs_meeting_all']} of {sp['teacher_decoder']['runs']}. Wrote {args.json} and {args.plot}")

@@ -63,9 +63,9 @@ class Recipe(_Strict):
     resolution: int | None = Field(None, gt=0, le=MAX_RESOLUTION, multiple_of=8, description="image side; default: the model's")
     batch: int = Field(2, ge=1, le=MAX_BATCH, description="UNet batch; 2 under classifier-free guidance")
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    deterministic: bool = Field(False, description="deterministic GPU kernels for the whole run, cuDNN autotuning off: the "
-                                "same recipe, seed and GPU model give the same model (two H100 chains scored identically; "
-                                "14% slower). CPU runs are reproducible without it")
+    deterministic: bool = Field(False, description="deterministic GPU kernels for the whole run, cuDNN autotuning off, undone "
+                                "after it: toward the same model from a repeat on the same GPU and versions (two H100 chains "
+                                "printed identical scores, 12-14% slower). CPU runs are reproducible without it")
     plugins: list[str] = Field(default_factory=list, max_length=32, description="pass files or modules to register")
     passes: list[PassStep] = Field(default_factory=list, max_length=200)
     targets: list[str] = Field(default_factory=lambda: ["iphone-14-pro"], max_length=32)
@@ -315,6 +315,12 @@ def validate_recipe(data: dict[str, Any], path: Path | None = None, *, check_mod
         except Exception as exc:  # a plugin's option validator that raises something other than ValueError
             raise RecipeError(f"{where}passes[{i}].options: pass '{step.pass_}' rejected its options: "
                               f"{exc.__class__.__name__}: {str(exc)[:200]}") from None
+    if recipe.deterministic:
+        for i, p in enumerate(passes):
+            found = _key_path(p.options.model_dump(mode="json"), "cudnn_benchmark", True)
+            if found:
+                raise RecipeError(f"{where}passes[{i}].options.{found}: true conflicts with deterministic: true "
+                                  "(cuDNN's autotuning picks kernels by timing); leave it unset")
     targets = []
     for i, ref in enumerate(recipe.targets):
         try:
@@ -330,6 +336,19 @@ def validate_recipe(data: dict[str, Any], path: Path | None = None, *, check_mod
         except SnapoptError as exc:
             raise RecipeError(f"{where}model: {exc}") from None
     return ResolvedRecipe(recipe, path, passes, targets)
+
+
+def _key_path(data: Any, key: str, value: Any, prefix: str = "") -> str | None:
+    """The dotted path of the first ``key`` holding ``value`` in nested options, else None."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            here = f"{prefix}{k}"
+            if k == key and v == value:
+                return here
+            found = _key_path(v, key, value, here + ".")
+            if found:
+                return found
+    return None
 
 
 def check_model_ref(ref: str, base: Path | None = None) -> None:

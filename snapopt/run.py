@@ -292,7 +292,7 @@ def manifest(resolved: ResolvedRecipe, argv: list[str] | None) -> dict[str, Any]
         "overrides": list(resolved.sets),  # --set KEY=VALUE, in order: the recipe file plus these
         "seed": resolved.recipe.seed,
         "deterministic": resolved.recipe.deterministic,
-        "accelerator": accelerator_name(),  # a deterministic run reproduces on the same GPU model and versions
+        "accelerator": accelerator(),  # kernels, and so a deterministic run's bits, depend on these
         "model": resolved.recipe.model,
         "inputs_sha256": inputs,
         "versions": {"snapopt": snapopt.__version__, "python": platform.python_version(),
@@ -300,11 +300,26 @@ def manifest(resolved: ResolvedRecipe, argv: list[str] | None) -> dict[str, Any]
     }
 
 
-def accelerator_name() -> str:
-    """The GPU a run trained on ("cpu" without one): kernels, and so a deterministic run's bits, differ by GPU model."""
+def accelerator() -> dict[str, Any]:
+    """The GPU training stages use by default (``train.device: auto``: the first CUDA device; "cpu" without one) and
+    the CUDA and cuDNN versions: a deterministic run gives the same model again only where these are the same."""
     import torch
 
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return {"device": "cpu"}
+    return {"device": torch.cuda.get_device_name(0), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "driver": _nvidia_driver()}
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 #: the packages a run's manifest records the version of (a recipe without exports runs without the converters)

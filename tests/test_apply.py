@@ -170,7 +170,7 @@ def test_deterministic_recipe_holds_for_the_whole_run_and_is_undone_after(tmp_pa
     result = snapopt.apply(recipe, tmp_path / "run")
     assert json.loads(probe.read_text()) == [True, False, ":4096:8"]
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
-    assert manifest["deterministic"] is True and manifest["accelerator"] == "cpu"
+    assert manifest["deterministic"] is True and manifest["accelerator"] == {"device": "cpu"}
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
             os.environ.get("CUBLAS_WORKSPACE_CONFIG")) == before
 
@@ -181,3 +181,44 @@ def test_deterministic_recipe_holds_for_the_whole_run_and_is_undone_after(tmp_pa
         snapopt.apply(failing, tmp_path / "run2")
     assert json.loads(probe.read_text())[0] is True  # deterministic up to the failing pass
     assert (torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")) == before[::2]
+
+
+def test_deterministic_kernels_puts_back_what_the_caller_had(monkeypatch):
+    """The caller's own settings (strict determinism, a cuBLAS workspace of its choice, attention kernels, cuDNN flags)
+    come back after a deterministic block, and after a plain one in which a stage changed them."""
+    import os
+
+    from snapopt.train.accel import deterministic_kernels
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.flash_sdp_enabled())
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        with deterministic_kernels():
+            assert torch.is_deterministic_algorithms_warn_only_enabled() and torch.backends.cudnn.deterministic
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # the caller's choice is kept
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(False)
+        with deterministic_kernels(False):  # a plain run whose stage switched things process-wide
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.enable_flash_sdp(False)
+        assert torch.backends.cudnn.benchmark == old[2] and torch.backends.cuda.flash_sdp_enabled() == old[4]
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = old[2], old[3]
+        torch.backends.cuda.enable_flash_sdp(old[4])
+
+
+def test_deterministic_recipe_refuses_cudnn_autotuning_in_a_stage(tmp_path):
+    from snapopt.errors import RecipeError
+    from snapopt.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodel: arch:tiny\ndeterministic: true\npasses:\n  - pass: recover\n"
+                      "    options: {train: {steps: 1, cudnn_benchmark: true}}\n")
+    with pytest.raises(RecipeError, match=r"passes\[0\]\.options\.train\.cudnn_benchmark: true conflicts with deterministic"):
+        load_recipe(recipe)
+    recipe.write_text(recipe.read_text().replace("deterministic: true", "deterministic: false"))
+    load_recipe(recipe)  # without determinism, autotuning is the user's choice

@@ -131,8 +131,12 @@ def test_deterministic_turns_off_autotuning_and_on_deterministic_kernels(monkeyp
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
         assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
         assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-        configure_backends(TrainOptions(cudnn_benchmark=True), torch.device("cuda"))  # a later stage: autotuning stays off
+        configure_backends(TrainOptions(), torch.device("cuda"))  # a later stage: autotuning stays off
         assert not torch.backends.cudnn.benchmark
+        from snapopt.errors import UsageError
+
+        with pytest.raises(UsageError, match="cudnn_benchmark: true conflicts"):  # asked for explicitly: said, not ignored
+            configure_backends(TrainOptions(cudnn_benchmark=True), torch.device("cuda"))
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]

@@ -203,6 +203,17 @@ def test_resume_accepts_a_checkpoint_from_before_an_option_existed(tiny_pipe, tm
     assert run(o, resume=True).resumed_from == 2
 
 
+def test_new_option_defaults_are_dropped_only_where_the_checkpoint_lacks_them():
+    from snapopt.train.trainer import _without_new_defaults
+
+    defaults = {"a": 1, "new": 0, "group": {"x": 1, "new_in_group": "auto"}, "new_group": {"y": 2}}
+    theirs = {"a": 5, "group": {"x": 3}}
+    mine = {"a": 5, "new": 0, "group": {"x": 3, "new_in_group": "auto"}, "new_group": {"y": 2}}
+    assert _without_new_defaults(mine, theirs, defaults) == theirs
+    changed = {**mine, "new": 1, "group": {"x": 3, "new_in_group": "validation"}}
+    assert _without_new_defaults(changed, theirs, defaults) == {"a": 5, "new": 1, "group": {"x": 3, "new_in_group": "validation"}}
+
+
 def test_step_distillation_target_is_two_teacher_ddim_steps(tiny_pipe):
     from diffusers import DDIMScheduler
 

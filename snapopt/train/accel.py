@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from snapopt.errors import UsageError
 from snapopt.train.options import CompileOptions, TrainOptions
 
 
@@ -41,6 +42,9 @@ def configure_backends(o: TrainOptions, device: torch.device) -> None:
     if o.deterministic:
         enable_deterministic_kernels()
     # after a stage that asked for determinism, a later one does not turn autotuning back on
+    elif torch.are_deterministic_algorithms_enabled() and o.cudnn_benchmark:
+        raise UsageError("train.cudnn_benchmark: true conflicts with deterministic kernels (the recipe's deterministic: true "
+                         "or an earlier stage's train.deterministic): cuDNN's autotuning picks kernels by timing")
     elif device.type == "cuda" and not torch.are_deterministic_algorithms_enabled() and o.cudnn_benchmark is not False:
         torch.backends.cudnn.benchmark = True
     if o.attention_backend != "auto":
@@ -63,19 +67,22 @@ def enable_deterministic_kernels() -> None:
 
 @contextmanager
 def deterministic_kernels(enabled: bool = True):
-    """:func:`enable_deterministic_kernels` for a block (a whole ``snapopt apply`` run with ``deterministic: true``),
-    then the process's earlier settings back, so a Python caller's later work is not slowed or changed by it."""
-    if not enabled:
-        yield
-        return
+    """The process's kernel settings kept for a block (a whole ``snapopt apply`` run) and put back after it:
+    deterministic algorithms, cuDNN autotuning, the attention kernels and cuBLAS's workspace, which training stages
+    set process-wide (:func:`configure_backends`). ``enabled``: :func:`enable_deterministic_kernels` for the block
+    (the recipe's ``deterministic: true``). A Python caller's later work is neither slowed nor changed by the run."""
+    sdp = {f: getattr(torch.backends.cuda, f"{f}_sdp_enabled")() for f in (*_SDPA_FLAGS.values(), "math")}
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    enable_deterministic_kernels()
+    if enabled:
+        enable_deterministic_kernels()
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+        for f, on in sdp.items():
+            getattr(torch.backends.cuda, f"enable_{f}_sdp")(on)
         if saved[4] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:

@@ -49,7 +49,8 @@ class DecoderJob(PassOptions):
     train: TrainOptions = TrainOptions()
     loss: DecoderLoss = DecoderLoss()
     claim_prompts: int = Field(0, ge=0, description="after training, score the pipeline with the distilled decoder and with the "
-                                                    "teacher's on this many held-out zoo prompts (issue 11's claim; 64 is its size)")
+                                                    "teacher's on this many held-out zoo prompts (issue 11's claim; 64 is its size), with the "
+                                                    "claim's noise (seed 0) whatever train.seed is")
     claim_steps: int = Field(8, ge=1, description="the pipeline's steps in that claim; the teacher runs 50")
 
 
@@ -192,7 +193,7 @@ def run_decoder(teacher, program, o: DecoderJob, out_dir: Path | None, *, resume
             from snapopt.train.evaluation import claim
 
             # the claim's own noise (seed 0, as a chain's claim): a job trained with another seed meets the same bar
-            stats["claim"] = claim(program, teacher, student_steps=o.claim_steps, n_prompts=o.claim_prompts,
+            stats["claim"] = claim(program, teacher, student_steps=o.claim_steps, n_prompts=o.claim_prompts, seed=0,
                                    grid_dir=out_dir / "claim" if out_dir else None)
     stats.update(_train_stats(result))
     return stats, result

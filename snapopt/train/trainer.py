@@ -300,8 +300,12 @@ class Trainer:
         if isinstance(theirs, dict) and theirs.get("objective") == mine["objective"]:
             # an option added to snapopt after the checkpoint was written, at its default, is the job it trained: a
             # device run resumed across an upgrade goes on (the default is what the older version did)
-            defaults = json.loads(json.dumps(type(self.o)().model_dump(mode="json", exclude=_NOT_THE_JOB)))
-            mine = {**mine, "options": _without_new_defaults(mine["options"], theirs.get("options"), defaults)}
+            try:
+                defaults = json.loads(json.dumps(type(self.o)().model_dump(mode="json", exclude=_NOT_THE_JOB)))
+            except ValueError:  # options without a default for every field: compare strictly
+                defaults = None
+            if defaults is not None:
+                mine = {**mine, "options": _without_new_defaults(mine["options"], theirs.get("options"), defaults)}
         if theirs != mine:
             raise UsageError(f"{self.obj.name}: checkpoint in '{self.out_dir}' was written by a different job or options; "
                              "use a new output folder or the same spec")
