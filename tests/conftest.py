@@ -12,6 +12,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "0")
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)  # tiny models gain nothing from threads; oversubscribed threads cost seconds
 
+@pytest.fixture(scope="session")
+def bench_module():
+    """``bench_module("chain_claims")``: a bench/ script imported by file (bench/ is scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 BK_BASE = [f"down_blocks.{i}.{k}.1" for i in range(3) for k in ("resnets", "attentions")] + [
     "down_blocks.3.resnets.1", "up_blocks.0.resnets.1"] + [f"up_blocks.{i}.{k}.1" for i in (1, 2, 3) for k in ("resnets", "attentions")]
 BK_SMALL = BK_BASE + ["mid_block"]

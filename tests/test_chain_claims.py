@@ -3,7 +3,6 @@ summed up, and a picture; a run that beats the teacher is counted as meeting it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,21 +10,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("chain_claims", ROOT / "bench" / "chain_claims.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _row(fid, clip, attrs, steps):
     return {"steps": steps, "cfg": 7.5, "n_prompts": 64, "seed": 0, "fid": fid, "clip_score": clip, "attribute_accuracy": attrs}
 
 
-def test_every_committed_run_is_rechecked_and_summed_up(tmp_path):
+def test_every_committed_run_is_rechecked_and_summed_up(bench_module, tmp_path):
     from snapopt.train.evaluation import claim_checks
 
-    summary = _module().main(["--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")])
+    summary = bench_module("chain_claims").main(["--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")])
     evals = [p for p in (ROOT / "bench" / "results").glob("snapfusion_chain_*_eval.json")
              if isinstance(json.loads(p.read_text()).get("rows"), dict)]
     assert len(summary["runs"]) == len(evals) >= 10
@@ -43,14 +35,14 @@ def test_every_committed_run_is_rechecked_and_summed_up(tmp_path):
         assert pred[key]["runs"] <= pred["runs"] and all(-1 <= pred[key][m]["rho"] <= 1 for m in ("fid", "clip_score"))
 
 
-def test_a_run_that_beats_the_teacher_meets_the_claim_and_the_slack_is_two_points(tmp_path):
+def test_a_run_that_beats_the_teacher_meets_the_claim_and_the_slack_is_two_points(bench_module, tmp_path):
     teacher = _row(15.9, 95.6, 0.905, 50)
     cases = {"beats": _row(15.0, 95.7, 0.886, 8), "attrs_short": _row(15.0, 95.7, 0.884, 8), "clip_short": _row(15.0, 95.5, 0.95, 8)}
     for name, student in cases.items():
         (tmp_path / f"snapfusion_chain_h100_{name}_eval.json").write_text(json.dumps({"rows": {
             "teacher_50": teacher, "teacher_8": _row(22.0, 91.3, 0.82, 8), "student_8": student}}))
     shutil.copy(ROOT / "bench" / "results" / "snapfusion_chain_h200_rerun_eval_cpu.json", tmp_path)  # another shape: skipped
-    summary = _module().main(["--results", str(tmp_path), "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")])
+    summary = bench_module("chain_claims").main(["--results", str(tmp_path), "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")])
     met = {r["run"]: r["met"] for r in summary["runs"]}
     assert met == {"beats": True, "attrs_short": False, "clip_short": False}
     assert summary["spread"]["runs_passing"] == {"fid": 3, "clip_score": 2, "attributes": 2}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,19 +10,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("repeat_check", ROOT / "bench" / "repeat_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_a_trained_recipe_repeats_bit_for_bit_on_the_cpu(tmp_path):
+def test_a_trained_recipe_repeats_bit_for_bit_on_the_cpu(bench_module, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nmodel: arch:tiny\ndeterministic: true\npasses:\n  - pass: recover\n"
                       "    options: {train: {steps: 2, batch: 2, data: {pool: 4}}, zoo_eval_prompts: 0}\n"
                       "export: {coreml: false, onnx: false}\nquality: {enabled: false}\n")
-    summary = _module().main([str(recipe), "--json", str(tmp_path / "r.json")])
+    summary = bench_module("repeat_check").main([str(recipe), "--json", str(tmp_path / "r.json")])
     assert summary["identical"] and summary["deterministic"] and summary["accelerator"] == {"device": "cpu"}
     again = summary["runs"][1]
     assert again["differing_tensors"] == 0 and again["tensors"] == summary["runs"][0]["tensors"] > 100
@@ -31,7 +23,7 @@ def test_a_trained_recipe_repeats_bit_for_bit_on_the_cpu(tmp_path):
     assert not list(tmp_path.glob("run*"))  # the runs' folders are gone
 
 
-def test_a_run_that_draws_fresh_randomness_is_reported_different(tmp_path):
+def test_a_run_that_draws_fresh_randomness_is_reported_different(bench_module, tmp_path):
     (tmp_path / "jitter.py").write_text(
         "import os, torch\nfrom snapopt.core import Pass, PassResult\n"
         "class Jitter(Pass):\n    '''Adds noise seeded from the OS: differs on every run.'''\n    name = 'jitter'\n"
@@ -44,12 +36,12 @@ def test_a_run_that_draws_fresh_randomness_is_reported_different(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nmodel: arch:tiny\nplugins: [jitter.py]\npasses:\n  - pass: jitter\n"
                       "export: {coreml: false, onnx: false}\nquality: {enabled: false}\n")
-    summary = _module().main([str(recipe)])
+    summary = bench_module("repeat_check").main([str(recipe)])
     run = summary["runs"][1]
     assert not summary["identical"] and not run["identical"]
     assert run["differing_tensors"] == 1 and "conv_out.weight" in run["examples"][0] and 0 < run["max_abs_diff"] < 0.1
 
 
-def test_one_run_is_refused(tmp_path):
+def test_one_run_is_refused(bench_module, tmp_path):
     with pytest.raises(SystemExit, match="--runs must be at least 2"):
-        _module().main([str(ROOT / "recipes" / "snapfusion.yaml"), "--runs", "1"])
+        bench_module("repeat_check").main([str(ROOT / "recipes" / "snapfusion.yaml"), "--runs", "1"])

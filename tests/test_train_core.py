@@ -277,10 +277,9 @@ def test_decoder_distillation_improves_psnr(tiny_pipe):
     assert stats["psnr_after_db"] > stats["psnr_before_db"] + 1.0
 
 
-def test_decoder_job_scores_the_claim_with_both_decoders(monkeypatch, tiny_pipe, tmp_path):
+def test_decoder_job_scores_the_claim_with_both_decoders(monkeypatch, tiny_pipe, tmp_path, bench_module):
     """claim_prompts: after training, the pipeline is scored with its distilled decoder and with the teacher's (the same
     UNet), beside the teacher at 50 and 8 steps; bench/train_jobs_summary.py reads those rows back."""
-    import importlib.util
     import json
 
     from snapopt.errors import UsageError
@@ -317,9 +316,7 @@ def test_decoder_job_scores_the_claim_with_both_decoders(monkeypatch, tiny_pipe,
     plain, _ = run_decoder(teacher, teacher.clone(["vae_decoder"]), DecoderJob(train=_train(steps=1, batch=2), loss=dict(val_latents=2)), None)
     assert "claim" not in plain and len(seen) == n  # off by default: no evaluation
 
-    spec = importlib.util.spec_from_file_location("summary", Path(__file__).resolve().parents[1] / "bench" / "train_jobs_summary.py")
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
+    summary = bench_module("train_jobs_summary")
     (tmp_path / "result.json").write_text(json.dumps({"spec": {"job": "decoder_distill", "options": {}}, "stats": stats}))
     row = summary.summarise(tmp_path)
     assert row["zoo_teacher"]["steps"] == 50 and row["zoo_after"]["fid"] == 16.0 and row["claim"]["met"] is False

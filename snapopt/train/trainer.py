@@ -73,6 +73,7 @@ def autocast_for(device: torch.device, mode: str, cache: bool = True):
 _NOT_THE_JOB = {"progress", "steps", "checkpoint_every", "compile", "fused_optimizer", "cudnn_benchmark", "channels_last", "parallel",
                 "cuda_graphs", "attention_backend", "deterministic"}
 
+
 def _without_new_defaults(mine: Any, theirs: Any, defaults: Any) -> Any:
     """``mine`` without the keys ``theirs`` lacks whose value is the default, recursively (nested option groups)."""
     if not (isinstance(mine, dict) and isinstance(theirs, dict) and isinstance(defaults, dict)):
@@ -300,12 +301,8 @@ class Trainer:
         if isinstance(theirs, dict) and theirs.get("objective") == mine["objective"]:
             # an option added to snapopt after the checkpoint was written, at its default, is the job it trained: a
             # device run resumed across an upgrade goes on (the default is what the older version did)
-            try:
-                defaults = json.loads(json.dumps(type(self.o)().model_dump(mode="json", exclude=_NOT_THE_JOB)))
-            except ValueError:  # options without a default for every field: compare strictly
-                defaults = None
-            if defaults is not None:
-                mine = {**mine, "options": _without_new_defaults(mine["options"], theirs.get("options"), defaults)}
+            defaults = TrainOptions().model_dump(mode="json", exclude=_NOT_THE_JOB)
+            mine = {**mine, "options": _without_new_defaults(mine["options"], theirs.get("options"), defaults)}
         if theirs != mine:
             raise UsageError(f"{self.obj.name}: checkpoint in '{self.out_dir}' was written by a different job or options; "
                              "use a new output folder or the same spec")
