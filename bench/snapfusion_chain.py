@@ -29,6 +29,8 @@ def summarise(run: Path) -> dict:
     rows = []
     for rec in report.get("passes", []):
         row = {"pass": rec["pass"], "seconds": rec.get("seconds")}
+        if rec.get("phases"):
+            row["phases"] = rec["phases"]  # where the pass's seconds went (snapopt.core.phases)
         stats = (rec.get("stats") or {}) if isinstance(rec.get("stats"), dict) else {}
         for k in ("seconds", "images_per_second", "steps"):
             if k in stats:
@@ -144,6 +146,8 @@ def main():
     out.write_text(json.dumps(res, indent=1, default=str))
     for r in res["passes"]:
         print(f"{r['pass']:26s} {r['seconds']:>8} s   train {r.get('train_seconds', '-')} s  {r.get('train_images_per_second', '-')} img/s")
+        if r.get("phases"):
+            print("    " + ", ".join(f"{k} {v:.1f} s" for k, v in r["phases"].items()))
     sets = f"; overrides: {' '.join(res['overrides'])}" if res["overrides"] else ""
     print(f"total {res['total_seconds']} s (wall {wall} s){sets}; wrote {out}")
 

@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from snapopt.core import ComponentOptions, Pass, PassContext, PassResult
+from snapopt.core.phases import phase
 from snapopt.errors import UsageError
 from snapopt.train.jobs import RecoverJob
 
@@ -151,14 +152,14 @@ class BlockPrune(Pass):
             """Score skipping each surviving candidate on top of what is already removed."""
             if o.robust_training is not None:
                 train_round(round_)
-            with skip_blocks(program.unet, removed):
+            with phase("block scoring"), skip_blocks(program.unet, removed):
                 q0 = evaluator.score(program)
             now_us = table.latency_us(_kept(table, removed))
             rows = {}
             for name, kind in skippable.items():
                 if name in removed:
                     continue
-                with skip_blocks(program.unet, removed + [name]):
+                with phase("block scoring"), skip_blocks(program.unet, removed + [name]):
                     d_q = evaluator.score(program) - q0
                 d_lat = now_us - table.latency_us(_kept(table, removed + [name]))
                 rows[name] = {"block": name, "kind": kind, "resolution": table.blocks[name].resolution, "round": round_,

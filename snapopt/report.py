@@ -104,6 +104,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             if p["stats"]:
                 stats = "; ".join(f"{k}: {_brief(v)}" for k, v in p["stats"].items())
                 out.append(f"|  | ↳ {stats} |||||||")
+            if p.get("phases"):  # where the pass's seconds went
+                named = sum(p["phases"].values())
+                parts = [f"{k} {v:.1f}" for k, v in sorted(p["phases"].items(), key=lambda kv: -kv[1])]
+                out.append(f"|  | ↳ time (s): {', '.join(parts)}, other {max(p['seconds'] - named, 0):.1f} |||||||")
         out.append("")
     out += quality_section(report.get("quality"))
     sched = report.get("scheduler")

@@ -27,6 +27,11 @@ def test_recover_after_remove_blocks_in_manager(tiny_pipe, tiny_shapes, tmp_path
     assert section["title"].startswith("Recovery") and "recover-1/losses.png" in section["lines"][0]
     assert (tmp_path / "recover-1" / "losses.png").is_file() and (tmp_path / "recover-1" / "losses.csv").is_file()
     assert program.unet is not tiny_pipe.unet  # the teacher was not trained
+    # where the pass's seconds went: training and the before/after distances, never more than the pass took
+    phases = records[1].phases
+    assert {"train", "teacher distance", "move modules"} <= set(phases)
+    assert 0 < sum(phases.values()) <= records[1].seconds + 1e-3
+    assert records[1].to_json()["phases"] == phases and records[0].phases == {}  # remove_blocks names no phase
 
 
 def test_training_pass_without_teacher_names_the_pass(tiny_pipe, tiny_shapes):

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from snapopt.capture import block_graph
 from snapopt.core.pass_base import Pass, PassContext, PassResult
 from snapopt.core.verify import check_finite, compare, run_component
+from snapopt.core.phases import recording
 from snapopt.errors import ModelRefError, PassError, PostconditionError, PreconditionError, SnapoptError
 from snapopt.models.pipeline import Pipeline
 from snapopt.serialization import record_edit, remember_base_config
@@ -43,16 +44,19 @@ class PassRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     changes: dict[str, dict[str, Any]] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
+    #: where ``seconds`` went: named phases (snapopt.core.phases), seconds each; the rest is unnamed work
+    phases: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"pass": self.name, "exact": self.exact, "options": self.options, "modified": self.modified, "seconds": round(self.seconds, 3),
-                "stats": self.stats, "changes": self.changes, "verification": self.verification}
+                "phases": self.phases, "stats": self.stats, "changes": self.changes, "verification": self.verification}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "PassRecord":
         """The record :meth:`to_json` wrote (a resumed run's finished passes come back from its journal)."""
         return cls(name=data["pass"], options=data["options"], modified=data["modified"], seconds=data["seconds"],
-                   exact=data["exact"], stats=data["stats"], changes=data["changes"], verification=data["verification"])
+                   exact=data["exact"], stats=data["stats"], changes=data["changes"], verification=data["verification"],
+                   phases=data.get("phases", {}))
 
 
 class PassManager:
@@ -124,7 +128,8 @@ class PassManager:
         self.ctx.input_graphs = {c: self.graphs[c] for c in touched}  # candidate is a clone: same graph
         try:
             p.requires(candidate, self.ctx)
-            result = p.run(candidate, self.ctx)
+            with recording() as phases:
+                result = p.run(candidate, self.ctx)
         except PassError:
             raise
         except SnapoptError as exc:
@@ -187,7 +192,7 @@ class PassManager:
             }
         self.graphs.update(after_graphs)
         record = PassRecord(name=p.name, exact=p.exact, options=p.options.model_dump(mode="json"), modified=result.modified,
-                            seconds=seconds, stats=result.stats, changes=changes, verification=verification)
+                            seconds=seconds, stats=result.stats, changes=changes, verification=verification, phases=phases)
         return new, record
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from snapopt.core.phases import phase
 from snapopt.errors import UsageError
 from snapopt.train.accel import to_device
 from snapopt.train.dist import DistInfo, shard, step_generator
@@ -65,7 +66,8 @@ class LatentSource:
         prompts = list(o.prompts)
         self.pool_x0: torch.Tensor | None = None
         if o.source == "zoo":
-            prompts, self.pool_x0 = _zoo_pool(teacher, o.pool, seed, device)
+            with phase("zoo scene pool"):
+                prompts, self.pool_x0 = _zoo_pool(teacher, o.pool, seed, device)
             self.shape = tuple(self.pool_x0.shape[1:])
         if not prompts and o.prompt_set == "auto":
             from snapopt.quality import domain_prompts
@@ -85,8 +87,9 @@ class LatentSource:
             n = o.pool
             idx = torch.arange(n) % len(prompts)
             # the student source: the model's own UNet and scheduler, prompts embedded by the teacher's text encoder
-            self.pool_x0 = sample_latents(teacher if o.source == "teacher" else sampler, self.cond_bank[idx], self.uncond,
-                                          steps=o.teacher_steps, cfg=o.teacher_cfg, shape=self.shape, seed=seed, device=device)
+            with phase(f"{o.source} latent pool"):
+                self.pool_x0 = sample_latents(teacher if o.source == "teacher" else sampler, self.cond_bank[idx], self.uncond,
+                                              steps=o.teacher_steps, cfg=o.teacher_cfg, shape=self.shape, seed=seed, device=device)
             self.pool_prompt = idx
         elif o.source == "zoo":
             self.pool_prompt = torch.arange(len(prompts))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from snapopt.core.phases import phase
 from snapopt.train.data import LatentSource
 from snapopt.train.dist import DistInfo
 from snapopt.train.options import DecoderLoss, TrainOptions
@@ -72,7 +73,8 @@ class DecoderObjective:
         self._pool = None if pool is None else pool.flatten(1)
         self._cache: dict[int, torch.Tensor] = {}  # pool index -> the teacher decoder's image
         if pool is not None:
-            self._prefill(pool)
+            with phase("teacher decoder images"):
+                self._prefill(pool)
 
     def trainable(self) -> nn.Module:
         return self.student

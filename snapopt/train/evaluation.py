@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import torch
 
+from snapopt.core.phases import phase
 from snapopt.quality import VALIDATION_PROMPTS
 from snapopt.train.data import embed
 from snapopt.train.sampling import sample_latents, split_transitions, student_transitions
@@ -25,6 +26,13 @@ def sample_distance(teacher, student, student_steps: int, teacher_steps: int, *,
     ``texts``: the prompts (default: snapopt.quality.VALIDATION_PROMPTS, repeated to ``prompts``). ``cache``: a dict
     the caller keeps while ``teacher`` is frozen, so the teacher's latents for one setting are sampled once
     (a step-distillation pass measures before and after, on two grids and two prompt sets, against one teacher)."""
+    with phase("sample distance"):
+        return _sample_distance(teacher, student, student_steps, teacher_steps, prompts=prompts, cfg=cfg, seed=seed,
+                                device=device, halved=halved, student_grid=student_grid, texts=texts, cache=cache)
+
+
+def _sample_distance(teacher, student, student_steps: int, teacher_steps: int, *, prompts: int, cfg: float, seed: int, device,
+                     halved: bool, student_grid: str, texts: list[str] | None, cache: dict | None) -> float:
     texts = texts or (VALIDATION_PROMPTS * (prompts // len(VALIDATION_PROMPTS) + 1))[:prompts]
     cond = embed(teacher, texts, device, seed)
     uncond = embed(teacher, [""], device, seed + 1)[0]
@@ -79,7 +87,8 @@ def zoo_metrics(pipe, n_prompts: int, steps: int, cfg: float, seed: int, grid=No
     ``grid``: also save the images as one PNG there."""
     from snapopt.zoo.evaluate import evaluate, save_grid
 
-    res = evaluate(diffusers_pipeline(pipe), steps=steps, cfg=cfg, n_prompts=n_prompts, seed=seed, return_images=grid is not None)
+    with phase("zoo evaluation"):
+        res = evaluate(diffusers_pipeline(pipe), steps=steps, cfg=cfg, n_prompts=n_prompts, seed=seed, return_images=grid is not None)
     if grid is not None:
         save_grid(res.pop("images"), grid)
         res.pop("captions")

@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, model_validator
 
 from snapopt.core import PassOptions
+from snapopt.core.phases import phase
 from snapopt.errors import UsageError
 from snapopt.train import dist
 from snapopt.train.options import DecoderLoss, RecoverLoss, RobustOptions, StepDistillLoss, StepDistillStage, TrainOptions, student_step_count
@@ -93,25 +94,27 @@ def on_device(pipes, device: torch.device):
     identity and version) sees a text encoder that was only used, not modified."""
     moved = []
     seen = set()
-    for pipe in pipes:
-        for m in pipe.present_modules().values():
-            if id(m) in seen:
-                continue
-            seen.add(id(m))
-            p = next(m.parameters(), None)
-            buffers = [(sub, name, buf) for sub in m.modules() for name, buf in sub._buffers.items() if buf is not None]
-            moved.append((m, p.device if p is not None else torch.device("cpu"), buffers))
-            m.to(device)
+    with phase("move modules"):
+        for pipe in pipes:
+            for m in pipe.present_modules().values():
+                if id(m) in seen:
+                    continue
+                seen.add(id(m))
+                p = next(m.parameters(), None)
+                buffers = [(sub, name, buf) for sub in m.modules() for name, buf in sub._buffers.items() if buf is not None]
+                moved.append((m, p.device if p is not None else torch.device("cpu"), buffers))
+                m.to(device)
     try:
         yield
     finally:
-        for m, dev, buffers in moved:
-            m.to(dev)
-            for sub, name, orig in buffers:
-                now = sub._buffers.get(name)
-                if now is not None and now is not orig and now.dtype == orig.dtype and now.device == orig.device \
-                        and now.shape == orig.shape and torch.equal(now, orig):
-                    sub._buffers[name] = orig
+        with phase("move modules"):
+            for m, dev, buffers in moved:
+                m.to(dev)
+                for sub, name, orig in buffers:
+                    now = sub._buffers.get(name)
+                    if now is not None and now is not orig and now.dtype == orig.dtype and now.device == orig.device \
+                            and now.shape == orig.shape and torch.equal(now, orig):
+                        sub._buffers[name] = orig
 
 
 def _check_teacher(teacher, program, component: str) -> None:
@@ -141,8 +144,9 @@ def run_recover(teacher, program, o: RecoverJob, out_dir: Path | None, *, resume
     _check_teacher(teacher, program, "unet")
     info, device = _setup(o.train)
     with on_device([teacher, program], device):
-        evaluator = TeacherDistance.prepare(teacher, latent=teacher.latent_size, timesteps=tuple(o.eval_timesteps), seed=o.train.seed)
-        before = evaluator.score(program)
+        with phase("teacher distance"):
+            evaluator = TeacherDistance.prepare(teacher, latent=teacher.latent_size, timesteps=tuple(o.eval_timesteps), seed=o.train.seed)
+            before = evaluator.score(program)
         zoo_before = _zoo(program, o) if o.zoo_eval_prompts else None  # the pruned student, untrained
         obj = RecoverObjective(teacher, program.unet, o.train, o.loss, o.robust, device=device, data=data)
         try:
@@ -150,7 +154,8 @@ def run_recover(teacher, program, o: RecoverJob, out_dir: Path | None, *, resume
         finally:
             obj.close()
         program.unet.eval()
-        after = evaluator.score(program)
+        with phase("teacher distance"):
+            after = evaluator.score(program)
         stats = {"teacher_distance_before": before, "teacher_distance_after": after,
                  "feature_stages": dict(obj.matcher.pairs) if obj.matcher else {},
                  "feature_stages_dropped": dict(obj.matcher.dropped) if obj.matcher else {},
@@ -184,10 +189,12 @@ def run_decoder(teacher, program, o: DecoderJob, out_dir: Path | None, *, resume
         student = program.component("vae_decoder")
         program.unet.eval()  # samples the pool of data.source 'student'
         obj = DecoderObjective(teacher, student, o.train, o.loss, device=device, sampler=program)
-        before = obj.psnr_vs_teacher()
+        with phase("decoder psnr"):
+            before = obj.psnr_vs_teacher()
         result = Trainer(obj, o.train, out_dir, info=info, device=device, title="decoder_distill").run(resume=resume)
         student.eval()
-        after = obj.psnr_vs_teacher()
+        with phase("decoder psnr"):
+            after = obj.psnr_vs_teacher()
         stats: dict[str, Any] = {"psnr_before_db": round(before, 3), "psnr_after_db": round(after, 3)}
         if o.claim_prompts:  # PSNR on latents alone did not rank decoders by what they cost the pipeline's samples
             from snapopt.train.evaluation import claim

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 
 from snapopt.train.diffusion import Schedule, guided
+from snapopt.train.graphs import DeviceSchedule
+from snapopt.train.replay import StaticReplay
 
 
 def ddim_timesteps(steps: int, num_train: int = 1000, offset: int = 1) -> list[int]:
@@ -65,28 +67,61 @@ def student_transitions(student_steps: int, grid: str = "ddim", num_train: int =
 @torch.no_grad()
 def sample_latents(pipe, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int, cfg: float, shape, seed: int,
                    device, unet=None, batch: int = 128, transitions: list[tuple[int, int]] | None = None,
-                   prediction_type: str | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+                   prediction_type: str | None = None, noise: torch.Tensor | None = None,
+                   graphs: bool | None = None) -> torch.Tensor:
     """x_0 latents from ``pipe``'s UNet (or ``unet``) by deterministic DDIM with classifier-free guidance,
     on diffusers' ``steps``-step grid or on explicit ``transitions`` (t, t_prev). ``batch`` prompts per UNet
     call (x2 for guidance): a small model is launch-bound, so 16 at a time left the GPU mostly idle; the
     noise is drawn for all prompts up front, so the batch size does not change which sample a prompt gets.
     ``prediction_type``: what ``unet`` outputs, when it is not ``pipe``'s own (a v-prediction student sampled
-    with its epsilon teacher's text encoder and scheduler). ``noise``: x_T itself (else drawn from ``seed``)."""
+    with its epsilon teacher's text encoder and scheduler). ``noise``: x_T itself (else drawn from ``seed``).
+    ``graphs`` (default: on a GPU): each guided DDIM step is recorded once per batch size as a CUDA graph and
+    replayed (:class:`snapopt.train.replay.StaticReplay`): the same kernels on the same values, the same latents."""
     unet = unet or pipe.unet
     sched = Schedule(pipe.scheduler, prediction_type or pipe.prediction_type)
     offset = int(pipe.scheduler.config.get("steps_offset", 1))
     transitions = transitions or ddim_transitions(steps, sched.num_train, offset)
     x = (noise if noise is not None else torch.randn(len(cond), *shape, generator=torch.Generator().manual_seed(seed))).to(device)
     dtype = next(unet.parameters()).dtype
+    if graphs is None:
+        graphs = x.device.type == "cuda"
+    step_of = _guided_ddim_step(unet, sched, cfg, dtype)
+    replays: dict[int, StaticReplay] = {}  # one graph per batch size (the last batch may be shorter)
     out = []
     for i in range(0, len(cond), batch):
         xi, c = x[i:i + batch], cond[i:i + batch]
         u = uncond.expand_as(c)
+        if graphs:
+            context = torch.cat([u, c]).to(dtype)
+            n = len(xi)
+            if n not in replays:
+                dev_sched = DeviceSchedule(sched, x.device) if x.device.type == "cuda" else sched
+                t0 = torch.full((n,), transitions[0][0], dtype=torch.long, device=x.device)
+                replays[n] = StaticReplay(_guided_ddim_step(unet, dev_sched, cfg, dtype),
+                                          {"x": xi, "t": t0, "t_prev": t0, "context": context})
+            step = replays[n]
+            step.buffers["x"].copy_(xi)
+            step.buffers["context"].copy_(context)
+            for t, t_prev in transitions:
+                step.buffers["x"].copy_(step(t=t, t_prev=t_prev))
+            out.append(step.buffers["x"].clone())
+            continue
         for t, t_prev in transitions:
             tt = torch.full((len(xi),), t, dtype=torch.long)
-            inp = torch.cat([xi, xi]).to(dtype)
-            pred = unet(inp, torch.cat([tt, tt]).to(device), torch.cat([u, c]).to(dtype), return_dict=False)[0].float()
-            pu, pc = pred.chunk(2)
-            xi = sched.ddim_step(guided(pu, pc, cfg), xi, tt, torch.full_like(tt, t_prev))
+            xi = step_of(xi, tt, torch.full_like(tt, t_prev), torch.cat([u, c]).to(dtype))
         out.append(xi)
     return torch.cat(out)
+
+
+def _guided_ddim_step(unet, sched: Schedule, cfg: float, dtype: torch.dtype):
+    """One guided DDIM step x_t -> x_{t_prev} (uncond and cond predictions in one UNet call). The eager loop
+    passes host timesteps (alpha_bar from the host table); the graphed one device timesteps and a
+    :class:`snapopt.train.graphs.DeviceSchedule` (the same float64 table on the device): the same arithmetic."""
+
+    def step(x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        t2 = torch.cat([t, t]).to(x.device)
+        pred = unet(torch.cat([x, x]).to(dtype), t2, context, return_dict=False)[0].float()
+        pu, pc = pred.chunk(2)
+        return sched.ddim_step(guided(pu, pc, cfg), x, t, t_prev)
+
+    return step

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from snapopt.core.phases import phase
 from snapopt.errors import UsageError
 from snapopt.train import accel, dist, graphs, logs
 from snapopt.train import checkpoint as ckpt
@@ -149,6 +150,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     def run(self, *, resume: bool = False, until: int | None = None) -> TrainResult:
+        """Train (or continue) to ``o.steps`` (or ``until``); timed as the pass's ``train`` phase."""
+        with phase("train"):
+            return self._run(resume=resume, until=until)
+
+    def _run(self, *, resume: bool, until: int | None) -> TrainResult:
         """Train to ``options.steps``. ``until`` stops early *without* a final checkpoint (a simulated kill)."""
         o, info = self.o, self.info
         self.notes = []

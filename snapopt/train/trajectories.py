@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from snapopt.core.phases import phase
 from snapopt.train.accel import to_device
+from snapopt.train.replay import StaticReplay
 
 
 class TrajectoryPool:
@@ -22,13 +24,21 @@ class TrajectoryPool:
     ``prompt[i]`` indexes the data source's prompt embeddings; ``scale[i]``: the guidance it was walked with
     (None for the plain kind: the conditional prediction alone)."""
 
-    def __init__(self, objective, n: int, *, guided: bool, seed: int, batch: int = 512):
+    def __init__(self, objective, n: int, *, guided: bool, seed: int, batch: int = 512, graphs: bool | None = None):
+        """``graphs`` (default: on a GPU): each chunk's teacher walks replayed from one CUDA graph per chunk size."""
+        with phase("trajectory pool"):
+            self._walk(objective, n, guided=guided, seed=seed, batch=batch, graphs=graphs)
+
+    def _walk(self, objective, n: int, *, guided: bool, seed: int, batch: int, graphs: bool | None) -> None:
         data, device = objective.data, objective.data.device
         gen = torch.Generator().manual_seed(seed)
         self.prompt = torch.randint(0, len(data.cond_bank), (n,), generator=gen)
         lo, hi = objective.lo.cfg_range
         self.scale = (lo + (hi - lo) * torch.rand(n, generator=gen)).to(device) if guided else None
         noise = torch.randn(n, *data.shape, generator=gen)
+        graphs = device.type == "cuda" if graphs is None else graphs
+        walk = _graphed_walk(objective, guided) if graphs else None
+        replays: dict[int, StaticReplay] = {}  # one graph per chunk size (the last chunk may be shorter)
         chunks = []
         for a in range(0, n, batch):
             x = to_device(noise[a:a + batch], device)
@@ -36,12 +46,38 @@ class TrajectoryPool:
             uncond = data.uncond.expand_as(cond)
             scale = self.scale[a:a + batch] if guided else None
             seq = [x]
-            for t, t_end in objective.transitions:
-                tt, te = torch.full((len(x),), t), torch.full((len(x),), t_end)
-                x = objective.teacher_walk(x, tt, cond, uncond, scale, te).float()
-                seq.append(x)
+            if walk is not None:  # each teacher walk recorded once as a CUDA graph: same kernels, same states
+                args = {"x": x, "cond": cond, "uncond": uncond, **({"scale": scale} if guided else {})}
+                if len(x) not in replays:
+                    t0 = torch.full((len(x),), objective.transitions[0][0], device=device)
+                    replays[len(x)] = StaticReplay(walk, {**args, "t": t0, "t_end": t0})
+                step = replays[len(x)]
+                for k, v in args.items():
+                    step.buffers[k].copy_(v)
+                for t, t_end in objective.transitions:
+                    step.buffers["x"].copy_(step(t=t, t_end=t_end))
+                    seq.append(step.buffers["x"].clone())
+            else:
+                for t, t_end in objective.transitions:
+                    tt, te = torch.full((len(x),), t), torch.full((len(x),), t_end)
+                    x = objective.teacher_walk(x, tt, cond, uncond, scale, te).float()
+                    seq.append(x)
             chunks.append(torch.stack(seq, 1))
         self.states = torch.cat(chunks)
 
     def __len__(self) -> int:
         return len(self.states)
+
+
+def _graphed_walk(objective, guided: bool):
+    """The objective's teacher walk from device timesteps, alpha_bar read on the device (the same float64 table)."""
+    from snapopt.train.graphs import DeviceSchedule, _swapped
+
+    device = objective.data.device
+    sched = DeviceSchedule(objective.sched, device) if device.type == "cuda" else objective.sched
+
+    def walk(x, t, t_end, cond, uncond, scale=None):
+        with _swapped(objective, sched=sched):
+            return objective.teacher_walk(x, t, cond, uncond, scale if guided else None, t_end).float()
+
+    return walk
