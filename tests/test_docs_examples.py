@@ -17,6 +17,8 @@ def test_clip_skip_recipe_from_docs(tmp_path):
     report = __import__("json").loads((out / "report.json").read_text())
     first = report["passes"][0]
     assert first["pass"] == "keep_text_layers" and first["stats"] == {"layers_before": 2, "layers_after": 1}
+    assert set(first["phases"]) == {"drop layers"} and first["phases"]["drop layers"] <= first["seconds"]
+    assert "time (s): drop layers" in (out / "report.md").read_text()  # the page's "Where a pass's time goes"
     assert first["changes"]["text_encoder"]["params_after"] < first["changes"]["text_encoder"]["params_before"]
     assert report["passes"][1]["verification"]["unet"]["relative_error"] < 1e-4
     assert report["exports"]["onnx"][0]["onnxruntime_relative_error"] < 1e-4

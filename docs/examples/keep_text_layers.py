@@ -7,6 +7,7 @@ encoder saves its latency on device. The pass is structural (the architecture ch
 from pydantic import Field
 
 from snapopt.core import Pass, PassOptions, PassResult
+from snapopt.core.phases import phase
 from snapopt.errors import UsageError
 
 
@@ -30,7 +31,8 @@ class KeepTextLayers(Pass):
         total = len(encoder.layers)
         if self.options.keep > total:
             raise UsageError(f"keep_text_layers: keep={self.options.keep} but the text encoder has {total} layers")
-        del encoder.layers[self.options.keep:]
+        with phase("drop layers"):  # the report's time line for this pass names it
+            del encoder.layers[self.options.keep:]
         program.text_encoder.config.num_hidden_layers = self.options.keep  # keep the config truthful
         return PassResult(program, modified=self.options.keep < total,
                           stats={"layers_before": total, "layers_after": self.options.keep})

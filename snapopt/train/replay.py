@@ -9,6 +9,7 @@ function runs on the same buffers uncaptured, so a test can check a caller's sta
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import Callable
 
@@ -34,9 +35,14 @@ class StaticReplay:
                 for _ in range(warmup):
                     fn(**self.buffers)
             torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), _no_cast_cache(), torch.cuda.graph(self.graph):
-                self.out = fn(**self.buffers)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.no_grad(), _no_cast_cache(), torch.cuda.graph(graph):
+                    self.out = fn(**self.buffers)
+                self.graph = graph
+            except RuntimeError as exc:  # e.g. a module that synchronises: the same function, uncaptured, same values
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                warnings.warn(f"CUDA graph capture failed ({first}); sampling eagerly instead (same results, slower)")
 
     def __call__(self, **values) -> torch.Tensor:
         for k, v in values.items():
