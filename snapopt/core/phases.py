@@ -36,19 +36,19 @@ class _Recorder:
         self._charge_top(now)
         self.stack.append((name, now))
 
-    def leave(self) -> None:
-        now = _now()
+    def leave(self, sync: bool = True) -> None:
+        now = _now(sync)
         self._charge_top(now)
         self.stack.pop()
         if self.stack:  # the enclosing phase resumes
             self.stack[-1] = (self.stack[-1][0], now)
 
 
-def _now() -> float:
+def _now(sync: bool = True) -> float:
     """The host clock after the device has finished what was queued (CUDA runs asynchronously)."""
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if sync and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     return time.perf_counter()
 
@@ -76,5 +76,7 @@ def phase(name: str) -> Iterator[None]:
     rec.enter(name)
     try:
         yield
-    finally:
-        rec.leave()
+    except BaseException:
+        rec.leave(sync=False)  # a sticky CUDA error would raise again from the sync and hide the original
+        raise
+    rec.leave()

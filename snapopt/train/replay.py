@@ -20,8 +20,9 @@ class StaticReplay:
     """``fn(**buffers) -> Tensor`` over static buffers shaped like ``example`` (name -> tensor on one device).
 
     ``fn`` must read only its arguments and module state that does not change between calls, and must not
-    synchronise with the host (no ``.item()``, no host tensors); the result is a view of the graph's output,
-    valid until the next call (clone it to keep it)."""
+    synchronise with the host (no ``.item()``, no host tensors), nor build CUDA graphs of its own (a module
+    compiled with ``mode="reduce-overhead"``); a capture that fails anyway falls back, best effort, to running
+    ``fn`` uncaptured. The result is a view of the graph's output, valid until the next call (clone it to keep it)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], example: dict[str, torch.Tensor], *, warmup: int = 2):
         self.fn = fn
@@ -36,13 +37,17 @@ class StaticReplay:
                     fn(**self.buffers)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            before = torch.cuda.current_stream(device)
             try:
                 with torch.no_grad(), _no_cast_cache(), torch.cuda.graph(graph):
                     self.out = fn(**self.buffers)
                 self.graph = graph
-            except RuntimeError as exc:  # e.g. a module that synchronises: the same function, uncaptured, same values
+            except RuntimeError as exc:  # e.g. a module that synchronises: best effort, the same function uncaptured
+                # a failed capture_end() skips torch.cuda.graph's own stream restore: later work must not stay on
+                # the capture stream
+                torch.cuda.set_stream(before)
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-                warnings.warn(f"CUDA graph capture failed ({first}); sampling eagerly instead (same results, slower)")
+                warnings.warn(f"CUDA graph capture failed ({first}); running uncaptured instead (same results, slower)")
 
     def __call__(self, **values) -> torch.Tensor:
         for k, v in values.items():

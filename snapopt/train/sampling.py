@@ -95,7 +95,7 @@ def sample_latents(pipe, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int
             context = torch.cat([u, c]).to(dtype)
             n = len(xi)
             if n not in replays:
-                dev_sched = DeviceSchedule(sched, x.device) if x.device.type == "cuda" else sched
+                dev_sched = DeviceSchedule(sched, x.device)  # on the CPU too: the tests then run what a GPU captures
                 t0 = torch.full((n,), transitions[0][0], dtype=torch.long, device=x.device)
                 replays[n] = StaticReplay(_guided_ddim_step(unet, dev_sched, cfg, dtype),
                                           {"x": xi, "t": t0, "t_prev": t0, "context": context})
