@@ -98,6 +98,25 @@ def test_trajectory_training_moves_the_student_onto_the_teacher_path(tiny_pipe):
     assert held_out() < 0.8 * before
 
 
+def test_trainer_builds_the_pools_before_its_clock_starts(tiny_pipe, monkeypatch):
+    """The trainer asks the objective to prepare its pools before timing steps, so a pass's training seconds and
+    images/s count training, and the pools show as their own phase (built lazily, they fell into the first step)."""
+    from snapopt.core.phases import recording
+    from snapopt.train import Trainer
+
+    obj = _objective(tiny_pipe, trajectory_probability=1.0, trajectory_pool=8)
+    built_at_draw = []
+    real_draw = obj.draw
+    monkeypatch.setattr(obj, "draw", lambda step, info: built_at_draw.append(obj._pools is not None) or real_draw(step, info))
+    with recording() as phases:
+        Trainer(obj, obj.train_o, None, device=CPU).run()
+    assert built_at_draw and all(built_at_draw)
+    assert phases["trajectory pool"] > 0 and "train" in phases
+    lazy = _objective(tiny_pipe, trajectory_probability=1.0, trajectory_pool=8)
+    lazy.draw(0, _info())  # the old way: built on the first draw
+    assert all(torch.equal(lazy.trajectory_pools()[k].states, obj.trajectory_pools()[k].states) for k in (True, False))
+
+
 def _info():
     from snapopt.train.dist import DistInfo
 

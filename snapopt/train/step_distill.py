@@ -117,6 +117,11 @@ class StepDistillObjective:
         return guided(u, c, scale)
 
     # -- the loss: seeded draws (eager), then device-only compute (what cuda_graphs captures) ----------------
+    def prepare(self) -> None:
+        """Called by the trainer before its clock starts: the trajectory pools, when training draws from them."""
+        if self.lo.trajectory_probability > 0:
+            self.trajectory_pools()
+
     def trajectory_pools(self) -> dict[bool, "TrajectoryPool"]:
         """The teacher's trajectories, guided and plain, built on first use (``loss.trajectory_probability``)."""
         if self._pools is None:

@@ -228,6 +228,13 @@ class Trainer:
                 if info.main:
                     print(f"note: {self.obj.name}: {self.notes[-1]}", file=sys.stderr, flush=True)
 
+        prepare = getattr(self.obj, "prepare", None)
+        if prepare is not None and start < (o.steps if until is None else min(until, o.steps)):
+            # data the objective builds once (step distillation's trajectory pools), before the clock starts and under
+            # the autocast its steps draw under: the values a lazy build on the first step gave, while the report's
+            # seconds and images/s count training only
+            with autocast_for(self.device, o.mixed_precision):
+                prepare()
         bar = None
         if o.progress and info.main and start < o.steps:
             from tqdm.auto import tqdm
