@@ -8,7 +8,8 @@ training), so the phases of a pass add up to at most its ``seconds`` and the res
 
 On a GPU each boundary synchronises the device, so the kernels queued in a phase are charged to it and not to
 the next one. That is a handful of synchronisations per phase, never one per training step. Outside a
-recording (a training job, a test) :func:`phase` does nothing.
+recording (a training job, a test) :func:`phase` does nothing. ``phase(name)`` also decorates a function whose
+every call is the phase (``Trainer.run`` is ``train``).
 """
 
 from __future__ import annotations

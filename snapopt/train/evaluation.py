@@ -14,6 +14,7 @@ from snapopt.train.sampling import sample_latents, split_transitions, student_tr
 
 
 @torch.no_grad()
+@phase("sample distance")
 def sample_distance(teacher, student, student_steps: int, teacher_steps: int, *, prompts: int, cfg: float, seed: int, device,
                     halved: bool = False, student_grid: str = "ddim", texts: list[str] | None = None,
                     cache: dict | None = None) -> float:
@@ -26,13 +27,6 @@ def sample_distance(teacher, student, student_steps: int, teacher_steps: int, *,
     ``texts``: the prompts (default: snapopt.quality.VALIDATION_PROMPTS, repeated to ``prompts``). ``cache``: a dict
     the caller keeps while ``teacher`` is frozen, so the teacher's latents for one setting are sampled once
     (a step-distillation pass measures before and after, on two grids and two prompt sets, against one teacher)."""
-    with phase("sample distance"):
-        return _sample_distance(teacher, student, student_steps, teacher_steps, prompts=prompts, cfg=cfg, seed=seed,
-                                device=device, halved=halved, student_grid=student_grid, texts=texts, cache=cache)
-
-
-def _sample_distance(teacher, student, student_steps: int, teacher_steps: int, *, prompts: int, cfg: float, seed: int, device,
-                     halved: bool, student_grid: str, texts: list[str] | None, cache: dict | None) -> float:
     texts = texts or (VALIDATION_PROMPTS * (prompts // len(VALIDATION_PROMPTS) + 1))[:prompts]
     cond = embed(teacher, texts, device, seed)
     uncond = embed(teacher, [""], device, seed + 1)[0]

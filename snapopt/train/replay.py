@@ -18,14 +18,17 @@ import torch
 
 class StaticReplay:
     """``fn(**buffers) -> Tensor`` over static buffers shaped like ``example`` (name -> tensor on one device).
+    ``state``: the buffer the result is written back to, inside the graph (a sampler's x_t), so that each call
+    advances it: load it once, then only the per-step numbers change.
 
     ``fn`` must read only its arguments and module state that does not change between calls, and must not
     synchronise with the host (no ``.item()``, no host tensors), nor build CUDA graphs of its own (a module
     compiled with ``mode="reduce-overhead"``); a capture that fails anyway falls back, best effort, to running
     ``fn`` uncaptured. The result is a view of the graph's output, valid until the next call (clone it to keep it)."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor], example: dict[str, torch.Tensor], *, warmup: int = 2):
-        self.fn = fn
+    def __init__(self, fn: Callable[..., torch.Tensor], example: dict[str, torch.Tensor], *, state: str | None = None,
+                 warmup: int = 2):
+        self.fn, self.state = fn, state
         self.buffers = {k: v.detach().clone() for k, v in example.items()}
         device = next(iter(self.buffers.values())).device
         self.graph = None
@@ -34,13 +37,13 @@ class StaticReplay:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.no_grad(), _no_cast_cache(), torch.cuda.stream(side):  # cuDNN's choices and the allocator's blocks first
                 for _ in range(warmup):
-                    fn(**self.buffers)
+                    self._run()
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             before = torch.cuda.current_stream(device)
             try:
                 with torch.no_grad(), _no_cast_cache(), torch.cuda.graph(graph):
-                    self.out = fn(**self.buffers)
+                    self.out = self._run()
                 self.graph = graph
             except RuntimeError as exc:  # e.g. a module that synchronises: best effort, the same function uncaptured
                 # a failed capture_end() skips torch.cuda.graph's own stream restore: later work must not stay on
@@ -49,17 +52,25 @@ class StaticReplay:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 warnings.warn(f"CUDA graph capture failed ({first}); running uncaptured instead (same results, slower)")
 
-    def __call__(self, **values) -> torch.Tensor:
+    def _run(self) -> torch.Tensor:
+        out = self.fn(**self.buffers)
+        if self.state is None:
+            return out
+        return self.buffers[self.state].copy_(out)
+
+    def load(self, **values) -> None:
+        """Fill buffers: tensors are copied, Python numbers filled (no host tensor, so nothing waits on the GPU)."""
         for k, v in values.items():
-            buf = self.buffers[k]
             if torch.is_tensor(v):
-                if v.data_ptr() != buf.data_ptr():
-                    buf.copy_(v)
+                self.buffers[k].copy_(v)
             else:
-                buf.fill_(v)
+                self.buffers[k].fill_(v)
+
+    def __call__(self, **values) -> torch.Tensor:
+        self.load(**values)
         if self.graph is None:
             with torch.no_grad():
-                return self.fn(**self.buffers)
+                return self._run()
         self.graph.replay()
         return self.out
 

@@ -94,16 +94,15 @@ def sample_latents(pipe, cond: torch.Tensor, uncond: torch.Tensor, *, steps: int
         if graphs:
             context = torch.cat([u, c]).to(dtype)
             n = len(xi)
-            if n not in replays:
+            step = replays.get(n)
+            if step is None:
                 dev_sched = DeviceSchedule(sched, x.device)  # on the CPU too: the tests then run what a GPU captures
                 t0 = torch.full((n,), transitions[0][0], dtype=torch.long, device=x.device)
-                replays[n] = StaticReplay(_guided_ddim_step(unet, dev_sched, cfg, dtype),
-                                          {"x": xi, "t": t0, "t_prev": t0, "context": context})
-            step = replays[n]
-            step.buffers["x"].copy_(xi)
-            step.buffers["context"].copy_(context)
+                step = replays[n] = StaticReplay(_guided_ddim_step(unet, dev_sched, cfg, dtype),
+                                                 {"x": xi, "t": t0, "t_prev": t0, "context": context}, state="x")
+            step.load(x=xi, context=context)
             for t, t_prev in transitions:
-                step.buffers["x"].copy_(step(t=t, t_prev=t_prev))
+                step(t=t, t_prev=t_prev)
             out.append(step.buffers["x"].clone())
             continue
         for t, t_prev in transitions:

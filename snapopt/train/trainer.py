@@ -149,13 +149,10 @@ class Trainer:
             raise UsageError(f"batch {options.batch} does not split evenly over {self.info.world} processes")
 
     # ------------------------------------------------------------------------------------------------
+    @phase("train")
     def run(self, *, resume: bool = False, until: int | None = None) -> TrainResult:
-        """Train (or continue) to ``o.steps`` (or ``until``); timed as the pass's ``train`` phase."""
-        with phase("train"):
-            return self._run(resume=resume, until=until)
-
-    def _run(self, *, resume: bool, until: int | None) -> TrainResult:
-        """Train to ``options.steps``. ``until`` stops early *without* a final checkpoint (a simulated kill)."""
+        """Train to ``options.steps``. ``until`` stops early *without* a final checkpoint (a simulated kill).
+        Timed as the pass's ``train`` phase."""
         o, info = self.o, self.info
         self.notes = []
         module = self.obj.trainable()
@@ -228,8 +225,9 @@ class Trainer:
                 if info.main:
                     print(f"note: {self.obj.name}: {self.notes[-1]}", file=sys.stderr, flush=True)
 
+        stop = o.steps if until is None else min(until, o.steps)
         prepare = getattr(self.obj, "prepare", None)
-        if prepare is not None and start < (o.steps if until is None else min(until, o.steps)):
+        if prepare is not None and start < stop:
             # data the objective builds once (step distillation's trajectory pools), before the clock starts and under
             # the autocast its steps draw under: the values a lazy build on the first step gave, while the report's
             # seconds and images/s count training only
@@ -244,7 +242,6 @@ class Trainer:
         masked_step = getattr(self.obj, "optimizer_step", None)
         timed_steps, timed = 0, 0.0
         t_run = time.perf_counter()
-        stop = o.steps if until is None else min(until, o.steps)
         t_window = time.perf_counter()
         for step in range(start, stop):
             lr = lr_at(step, o.steps, o.optim)

@@ -24,12 +24,9 @@ class TrajectoryPool:
     ``prompt[i]`` indexes the data source's prompt embeddings; ``scale[i]``: the guidance it was walked with
     (None for the plain kind: the conditional prediction alone)."""
 
+    @phase("trajectory pool")
     def __init__(self, objective, n: int, *, guided: bool, seed: int, batch: int = 512, graphs: bool | None = None):
         """``graphs`` (default: on a GPU): each chunk's teacher walks replayed from one CUDA graph per chunk size."""
-        with phase("trajectory pool"):
-            self._walk(objective, n, guided=guided, seed=seed, batch=batch, graphs=graphs)
-
-    def _walk(self, objective, n: int, *, guided: bool, seed: int, batch: int, graphs: bool | None) -> None:
         data, device = objective.data, objective.data.device
         gen = torch.Generator().manual_seed(seed)
         self.prompt = torch.randint(0, len(data.cond_bank), (n,), generator=gen)
@@ -48,15 +45,13 @@ class TrajectoryPool:
             seq = [x]
             if walk is not None:  # each teacher walk recorded once as a CUDA graph: same kernels, same states
                 args = {"x": x, "cond": cond, "uncond": uncond, **({"scale": scale} if guided else {})}
-                if len(x) not in replays:
+                step = replays.get(len(x))
+                if step is None:
                     t0 = torch.full((len(x),), objective.transitions[0][0], device=device)
-                    replays[len(x)] = StaticReplay(walk, {**args, "t": t0, "t_end": t0})
-                step = replays[len(x)]
-                for k, v in args.items():
-                    step.buffers[k].copy_(v)
+                    step = replays[len(x)] = StaticReplay(walk, {**args, "t": t0, "t_end": t0}, state="x")
+                step.load(**args)
                 for t, t_end in objective.transitions:
-                    step.buffers["x"].copy_(step(t=t, t_end=t_end))
-                    seq.append(step.buffers["x"].clone())
+                    seq.append(step(t=t, t_end=t_end).clone())
             else:
                 for t, t_end in objective.transitions:
                     tt, te = torch.full((len(x),), t), torch.full((len(x),), t_end)
